@@ -1,0 +1,43 @@
+"""WSGI middleware that runs before Flask sees a request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote
+
+WSGIApp = Any
+
+# Characters a path may carry unencoded; everything else is percent-encoded.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+class RawPathMiddleware:
+    """Route on the raw request path, so an id holding an encoded ``/`` stays one segment.
+
+    WSGI servers hand Flask a decoded ``PATH_INFO``, in which ``users/a%2Fb/cohorts``
+    and ``users/a/b/cohorts`` look the same. Every path value is decoded later, once,
+    by :func:`app.params.decode_segment`. The arrival time is kept for the deadline.
+    """
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        environ["profile_proxy.arrival"] = time.monotonic()
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if raw:
+            path = raw.split("?", 1)[0].split("#", 1)[0]
+            if "://" in path:  # absolute-form request target
+                path = "/" + path.split("://", 1)[1].partition("/")[2]
+            script_name = environ.get("SCRIPT_NAME", "")
+            if script_name and path.startswith(script_name):
+                path = path[len(script_name) :]
+        else:
+            path = quote(environ.get("PATH_INFO", "").encode("latin-1", "replace"), safe=_PATH_SAFE)
+        if any(ord(c) > 0x7E or ord(c) < 0x21 for c in path):
+            # Raw bytes outside printable ASCII: re-encode so routing sees one form.
+            path = quote(path.encode("latin-1", "replace"), safe=_PATH_SAFE + "%")
+        environ["PATH_INFO"] = path
+        return self.app(environ, start_response)

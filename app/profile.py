@@ -1,0 +1,139 @@
+"""What is asked of Amplitude (a :class:`ProfileQuery`) and what is kept of its answer."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from app.settings import Settings
+
+KINDS = {"users": "user_id", "devices": "device_id"}
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a lookup is about: ``id_field`` is ``user_id`` or ``device_id``."""
+
+    id_field: str
+    value: str
+
+    @property
+    def cache_token(self) -> str:
+        # Hashing keeps keys short and free of whatever bytes an id holds;
+        # the NUL separator cannot occur in a validated id, so two identities never mix.
+        return hashlib.sha256(f"{self.id_field}\0{self.value}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileQuery:
+    """One Amplitude request: an identity and the parts of the profile it asks for."""
+
+    identity: Identity
+    properties: bool = False
+    cohorts: bool = False
+    rec_ids: tuple[str, ...] = ()
+    rec_type: str | None = None
+    prediction_ids: tuple[str, ...] = ()
+    propensity_type: str | None = None
+
+    def upstream_params(self) -> list[tuple[str, str]]:
+        """Query parameters for ``/v1/userprofile``; requests encodes every value."""
+        params = [(self.identity.id_field, self.identity.value)]
+        if self.properties:
+            params += [("get_amp_props", "true"), ("get_computations", "true")]
+        if self.cohorts:
+            params.append(("get_cohort_ids", "true"))
+        if self.rec_ids:
+            params += [("get_recs", "true"), ("rec_id", ",".join(self.rec_ids))]
+            if self.rec_type:
+                params.append(("rec_type", self.rec_type))
+        if self.prediction_ids:
+            params += [
+                ("get_propensity", "true"),
+                ("prediction_id", ",".join(self.prediction_ids)),
+                ("propensity_type", self.propensity_type or "score"),
+            ]
+        return params
+
+    @property
+    def cache_key(self) -> str:
+        parts = (
+            "p" if self.properties else "",
+            "c" if self.cohorts else "",
+            ",".join(self.rec_ids),
+            self.rec_type or "",
+            ",".join(self.prediction_ids),
+            self.propensity_type or "" if self.prediction_ids else "",
+        )
+        shape = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+        return f"{self.identity.cache_token}:{shape}"
+
+
+class QueryPlanner:
+    """Decide which Amplitude request answers a route, so one user costs one call.
+
+    Every route is served from the user's whole profile (properties, cohorts and the
+    configured recommendations and predictions) unless it asks for something that
+    profile does not hold; only then does it get a narrower request of its own.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.rec_ids = tuple(sorted(settings.profile_rec_ids))
+        self.prediction_ids = tuple(sorted(settings.profile_prediction_ids))
+        self.propensity_type = settings.profile_propensity_type
+
+    def whole(self, identity: Identity) -> ProfileQuery:
+        return ProfileQuery(
+            identity=identity,
+            properties=True,
+            cohorts=True,
+            rec_ids=self.rec_ids,
+            prediction_ids=self.prediction_ids,
+            propensity_type=self.propensity_type if self.prediction_ids else None,
+        )
+
+    def recommendations(self, identity: Identity, rec_ids: tuple[str, ...], rec_type: str | None) -> ProfileQuery:
+        if rec_type is None and set(rec_ids) <= set(self.rec_ids):
+            return self.whole(identity)
+        return ProfileQuery(identity=identity, rec_ids=tuple(sorted(set(rec_ids))), rec_type=rec_type)
+
+    def prediction(self, identity: Identity, prediction_id: str, propensity_type: str) -> ProfileQuery:
+        if propensity_type == self.propensity_type and prediction_id in self.prediction_ids:
+            return self.whole(identity)
+        return ProfileQuery(identity=identity, prediction_ids=(prediction_id,), propensity_type=propensity_type)
+
+
+def profile_from_user_data(user_data: dict[str, Any], query: ProfileQuery) -> dict[str, Any]:
+    """Keep what routes need of a validated ``userData`` object, with nulls made empty.
+
+    ``recommendations`` stays ``None`` when Amplitude had none for the user (too new,
+    inactive), which routes report as ``no_recommendations``.
+    """
+    recs = user_data.get("recommendations")
+    predictions: dict[str, Any] = {}
+    for entry in user_data.get("propensities") or ():
+        predictions[str(entry["pred_id"])] = entry.get("prop")
+    if len(query.prediction_ids) == 1 and query.prediction_ids[0] not in predictions:
+        # A single-prediction answer may carry only the scalar ``propensity``.
+        if user_data.get("propensity") is not None:
+            predictions[query.prediction_ids[0]] = user_data["propensity"]
+    return {
+        "user_id": user_data.get("user_id"),
+        "device_id": user_data.get("device_id"),
+        "properties": user_data.get("amp_props") or {},
+        "cohort_ids": list(user_data.get("cohort_ids") or []),
+        "recommendations": None
+        if recs is None
+        else {
+            str(rec["rec_id"]): {
+                "items": list(rec.get("items") or []),
+                "is_control": bool(rec.get("is_control", False)),
+                "source": rec.get("recommendation_source"),
+                "last_updated": rec.get("last_updated"),
+            }
+            for rec in recs
+        },
+        "predictions": predictions,
+        "propensity_type": query.propensity_type,
+    }

@@ -1,0 +1,207 @@
+"""Typed, validated settings built once from the environment."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, validates_schema
+from marshmallow import fields as mf
+from marshmallow.validate import OneOf, Range
+
+#: Fields whose values are secrets: never shown by ``repr`` or in an error.
+SECRET_FIELDS = frozenset({"amplitude_secret_key", "caller_keys", "admin_keys"})
+
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class CallerKey:
+    """A caller key and the name logs and metrics show instead of it."""
+
+    name: str
+    key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    amplitude_secret_key: str
+    amplitude_api_url: str = "https://profile-api.amplitude.com"
+    allow_insecure_upstream: bool = False
+    caller_keys: tuple[CallerKey, ...] = ()
+    allow_open_access: bool = False
+    admin_keys: tuple[CallerKey, ...] = ()
+    cache_ttl_seconds: float = 300.0
+    cache_max_entries: int = 100_000
+    negative_cache_ttl_seconds: float = 60.0
+    stale_while_revalidate_seconds: float = 3600.0
+    stale_if_error_seconds: float = 86_400.0
+    profile_rec_ids: tuple[str, ...] = ()
+    profile_prediction_ids: tuple[str, ...] = ()
+    profile_propensity_type: str = "score"
+    port: int = 8000
+    upstream_rate_limit_per_minute: int = 600
+    upstream_budget_shares: int = 1
+    budget_max_wait_seconds: float = 0.25
+    upstream_429_backoff_seconds: float = 30.0
+    upstream_connect_timeout: float = 0.5
+    upstream_read_timeout: float = 1.0
+    upstream_max_body_bytes: int = 1_000_000
+    upstream_concurrency: int = 32
+    request_deadline_seconds: float = 1.5
+    breaker_failure_threshold: int = 5
+    breaker_cooldown_seconds: float = 10.0
+    redis_url: str | None = None
+    redis_timeout_seconds: float = 0.1
+    demo_mode: bool = False
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value:
+                value = "<redacted>"
+            elif f.name == "redis_url" and value:
+                value = _redact_url_password(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @property
+    def upstream_profile_url(self) -> str:
+        return self.amplitude_api_url.rstrip("/") + "/v1/userprofile"
+
+
+def _redact_url_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1<redacted>@", url)
+
+
+class CommaList(mf.Field):
+    """A comma-separated list of non-empty, trimmed strings."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        if not isinstance(value, str):
+            raise ValidationError("must be a comma-separated string")
+        items = tuple(part.strip() for part in value.split(",") if part.strip())
+        if len(set(items)) != len(items):
+            raise ValidationError("must not repeat an entry")
+        return items
+
+
+class CallerKeyList(mf.Field):
+    """``name:key,name:key`` (names optional) into :class:`CallerKey` tuples."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[CallerKey, ...]:
+        if not isinstance(value, str):
+            raise ValidationError("must be a comma-separated string")
+        keys: list[CallerKey] = []
+        for position, entry in enumerate((e.strip() for e in value.split(",") if e.strip()), 1):
+            name, sep, key = entry.partition(":")
+            if not sep or not _KEY_NAME.match(name):
+                name, key = f"key{position}", entry
+            if len(key) < 8:
+                # Never echo the value: name the position only.
+                raise ValidationError(f"entry {position} ({name}) is shorter than 8 characters")
+            if any(c.isspace() or ord(c) < 32 for c in key):
+                raise ValidationError(f"entry {position} ({name}) contains whitespace or control characters")
+            keys.append(CallerKey(name=name, key=key))
+        if len({k.name for k in keys}) != len(keys):
+            raise ValidationError("key names must be unique")
+        return tuple(keys)
+
+
+def _not_blank(value: str) -> None:
+    if not value.strip():
+        raise ValidationError("must not be blank")
+
+
+def _seconds(default: float, minimum: float = 0.0, maximum: float = 10**7) -> mf.Float:
+    return mf.Float(load_default=default, validate=Range(min=minimum, max=maximum))
+
+
+def _count(default: int, minimum: int = 1, maximum: int = 10**9) -> mf.Integer:
+    return mf.Integer(load_default=default, strict=False, validate=Range(min=minimum, max=maximum))
+
+
+class SettingsSchema(Schema):
+    """Environment variable names (upper case) mapped onto :class:`Settings`."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    AMPLITUDE_SECRET_KEY = mf.String(required=True, validate=_not_blank)
+    AMPLITUDE_API_URL = mf.Url(
+        load_default="https://profile-api.amplitude.com", require_tld=False, schemes={"http", "https"}
+    )
+    ALLOW_INSECURE_UPSTREAM = mf.Boolean(load_default=False)
+    PROXY_API_KEYS = CallerKeyList(load_default=())
+    ALLOW_OPEN_ACCESS = mf.Boolean(load_default=False)
+    ADMIN_API_KEYS = CallerKeyList(load_default=())
+    CACHE_TTL_SECONDS = _seconds(300.0, minimum=1)
+    CACHE_MAX_ENTRIES = _count(100_000)
+    NEGATIVE_CACHE_TTL_SECONDS = _seconds(60.0)
+    STALE_WHILE_REVALIDATE_SECONDS = _seconds(3600.0)
+    STALE_IF_ERROR_SECONDS = _seconds(86_400.0)
+    PROFILE_REC_IDS = CommaList(load_default=())
+    PROFILE_PREDICTION_IDS = CommaList(load_default=())
+    PROFILE_PROPENSITY_TYPE = mf.String(load_default="score", validate=OneOf(["score", "pct"]))
+    PORT = _count(8000, maximum=65535)
+    UPSTREAM_RATE_LIMIT_PER_MINUTE = _count(600)
+    UPSTREAM_BUDGET_SHARES = _count(1, maximum=10_000)
+    BUDGET_MAX_WAIT_SECONDS = _seconds(0.25, maximum=1.0)
+    UPSTREAM_429_BACKOFF_SECONDS = _seconds(30.0, minimum=1, maximum=3600)
+    UPSTREAM_CONNECT_TIMEOUT = _seconds(0.5, minimum=0.01, maximum=1.4)
+    UPSTREAM_READ_TIMEOUT = _seconds(1.0, minimum=0.01, maximum=1.4)
+    UPSTREAM_MAX_BODY_BYTES = _count(1_000_000, minimum=1024)
+    UPSTREAM_CONCURRENCY = _count(32, maximum=1024)
+    REQUEST_DEADLINE_SECONDS = _seconds(1.5, minimum=0.1, maximum=1.9)
+    BREAKER_FAILURE_THRESHOLD = _count(5)
+    BREAKER_COOLDOWN_SECONDS = _seconds(10.0, minimum=0.1, maximum=3600)
+    REDIS_URL = mf.String(load_default=None, allow_none=True)
+    REDIS_TIMEOUT_SECONDS = _seconds(0.1, minimum=0.005, maximum=1.0)
+    DEMO_MODE = mf.Boolean(load_default=False)
+    LOG_LEVEL = mf.String(load_default="INFO", validate=OneOf(["DEBUG", "INFO", "WARNING", "ERROR"]))
+
+    @validates_schema
+    def _check_combinations(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not data.get("PROXY_API_KEYS") and not data.get("ALLOW_OPEN_ACCESS"):
+            raise ValidationError(
+                "no caller keys: set PROXY_API_KEYS, or ALLOW_OPEN_ACCESS=true to run without authentication",
+                "PROXY_API_KEYS",
+            )
+        url = data.get("AMPLITUDE_API_URL", "")
+        if url.startswith("http://") and not data.get("ALLOW_INSECURE_UPSTREAM"):
+            raise ValidationError(
+                "must be https (set ALLOW_INSECURE_UPSTREAM=true only for a local simulator)",
+                "AMPLITUDE_API_URL",
+            )
+        redis_url = data.get("REDIS_URL")
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValidationError("must start with redis://, rediss:// or unix://", "REDIS_URL")
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build :class:`Settings` from an environment mapping.
+
+    :raises SettingsError: naming the first bad variable, without its value.
+    """
+    relevant = {k: v for k, v in environ.items() if k in SettingsSchema().fields and v != ""}
+    try:
+        loaded = SettingsSchema().load(relevant)
+    except ValidationError as exc:
+        messages = exc.normalized_messages()
+        name = sorted(messages)[0]
+        detail = messages[name]
+        if isinstance(detail, list):
+            detail = "; ".join(str(d) for d in detail)
+        raise SettingsError(f"{name}: {detail}") from None
+    renamed = {"PROXY_API_KEYS": "caller_keys", "ADMIN_API_KEYS": "admin_keys"}
+    return Settings(**{renamed.get(key, key.lower()): value for key, value in loaded.items()})

@@ -1,0 +1,230 @@
+"""The HTTP routes: parse arguments, look the profile up, shape flat JSON for Liquid."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+
+from app.auth import authenticate
+from app.errors import FALLBACK_ERRORS, ApiError, InvalidRequest, NoRecommendations, json_response
+from app.params import SCHEMAS, decode_segment, load_args, parse_query
+from app.profile import KINDS, Identity
+from app.profiles import Lookup
+
+health = Blueprint("health", __name__)
+v1 = Blueprint("v1", __name__, url_prefix="/v1/<any(users, devices):kind>/<id>")
+
+# Room left after the lookup for shaping and writing the response.
+RESPONSE_MARGIN_SECONDS = 0.05
+
+
+@health.get("/healthz")
+def healthz() -> Response:
+    return json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+@health.get("/readyz")
+def readyz() -> Response:
+    """Ready to serve: settings loaded, Redis reachable when configured; no Amplitude call."""
+    extensions = current_app.extensions["profile_proxy"]
+    checks: dict[str, Any] = {"settings": "ok", "circuit": extensions.breaker.state}
+    status = "ok"
+    if extensions.redis is None:
+        checks["redis"] = "not_configured"
+    elif extensions.redis.ping():
+        checks["redis"] = "ok"
+    else:
+        # Still serving from the local cache and budget share: degraded, not down.
+        checks["redis"] = "unavailable"
+        status = "degraded"
+    if checks["circuit"] != "closed":
+        status = "degraded"
+    return json_response({"status": status, "checks": checks}, headers={"Cache-Control": "no-store"})
+
+
+@v1.url_value_preprocessor
+def _prepare(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Authenticate, then decode and check every path value, before any other work."""
+    extensions = current_app.extensions["profile_proxy"]
+    arrival = request.environ.get("profile_proxy.arrival") or time.monotonic()
+    g.deadline = arrival + extensions.settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS
+    if extensions.caller_keys:
+        g.caller = authenticate(extensions.caller_keys, request.headers)
+    else:
+        g.caller = "open"
+    values = values if values is not None else {}
+    id_field = KINDS[values.pop("kind")]
+    g.identity = Identity(id_field, decode_segment(id_field, values.pop("id")))
+    for name, raw in values.items():
+        values[name] = decode_segment(name, raw)
+    g.args = parse_query(request.environ.get("QUERY_STRING", ""))
+
+
+def _args(schema: str) -> dict[str, Any]:
+    return load_args(SCHEMAS[schema], g.args)
+
+
+def _lookup(query: Any) -> Lookup:
+    return current_app.extensions["profile_proxy"].profiles.lookup(query, g.deadline)
+
+
+def _planner() -> Any:
+    return current_app.extensions["profile_proxy"].planner
+
+
+def _respond(body: dict[str, Any], lookup: Lookup | None) -> Response:
+    """A 200 whose caching headers tell how fresh the data is."""
+    if lookup is None:
+        headers = {"X-Cache": "MISS", "Cache-Control": "no-store"}
+    else:
+        headers = {
+            "X-Cache": lookup.cache,
+            "Age": str(int(lookup.age)),
+            "Cache-Control": f"private, max-age={int(lookup.fresh_for)}",
+        }
+    headers["X-Content-Type-Options"] = "nosniff"
+    return json_response(body, headers=headers)
+
+
+def _shape_rec(rec_id: str, rec: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    items = rec["items"][:limit] if limit else rec["items"]
+    return {
+        "rec_id": rec_id,
+        "items": items,
+        "count": len(items),
+        "is_control": rec["is_control"],
+        "source": rec["source"],
+        "last_updated": rec["last_updated"],
+        "fallback": False,
+    }
+
+
+def _fallback_rec(rec_id: str, default: tuple[str, ...], limit: int | None, reason: ApiError) -> dict[str, Any]:
+    items = list(default[:limit] if limit else default)
+    return {
+        "rec_id": rec_id,
+        "items": items,
+        "count": len(items),
+        "is_control": False,
+        "source": None,
+        "last_updated": None,
+        "fallback": True,
+        "reason": reason.error,
+    }
+
+
+def _find_rec(profile: dict[str, Any], rec_id: str) -> dict[str, Any]:
+    recs = profile.get("recommendations")
+    if not recs or rec_id not in recs:
+        raise NoRecommendations(f"Amplitude has no recommendations for this user under rec_id {rec_id}")
+    return recs[rec_id]
+
+
+def _recommendations(rec_ids: tuple[str, ...], args: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Lookup | None]:
+    """Each requested recommendation, or its fallback when ``default`` was given."""
+    query = _planner().recommendations(g.identity, rec_ids, args["rec_type"])
+    default, limit = args["default"], args["limit"]
+    try:
+        lookup = _lookup(query)
+    except FALLBACK_ERRORS as exc:
+        if default is None:
+            raise
+        return {rec_id: _fallback_rec(rec_id, default, limit, exc) for rec_id in rec_ids}, None
+    shaped = {}
+    for rec_id in rec_ids:
+        try:
+            shaped[rec_id] = _shape_rec(rec_id, _find_rec(lookup.profile, rec_id), limit)
+        except NoRecommendations as exc:
+            if default is None:
+                raise
+            shaped[rec_id] = _fallback_rec(rec_id, default, limit, exc)
+    return shaped, lookup
+
+
+@v1.get("/recommendations/<rec_id>")
+def recommendation(rec_id: str) -> Response:
+    args = _args("recommendation")
+    shaped, lookup = _recommendations((rec_id,), args)
+    return _respond({g.identity.id_field: g.identity.value, **shaped[rec_id]}, lookup)
+
+
+@v1.get("/recommendations")
+def recommendations() -> Response:
+    args = _args("recommendations")
+    rec_ids = args["ids"] or _planner().rec_ids
+    if not rec_ids:
+        raise InvalidRequest("ids", "is required when PROFILE_REC_IDS is not configured")
+    shaped, lookup = _recommendations(tuple(rec_ids), args)
+    if lookup is not None and all(rec["fallback"] for rec in shaped.values()):
+        lookup = None
+    return _respond({g.identity.id_field: g.identity.value, "recommendations": shaped}, lookup)
+
+
+@v1.get("/properties")
+def properties() -> Response:
+    keys = _args("properties")["keys"]
+    lookup = _lookup(_planner().whole(g.identity))
+    props = lookup.profile["properties"]
+    if keys is not None:
+        props = {key: props.get(key) for key in keys}
+    return _respond({g.identity.id_field: g.identity.value, "properties": props}, lookup)
+
+
+@v1.get("/properties/<name>")
+def property_value(name: str) -> Response:
+    lookup = _lookup(_planner().whole(g.identity))
+    value = lookup.profile["properties"].get(name)
+    return _respond({g.identity.id_field: g.identity.value, "name": name, "value": value}, lookup)
+
+
+@v1.get("/cohorts")
+def cohorts() -> Response:
+    lookup = _lookup(_planner().whole(g.identity))
+    cohort_ids = lookup.profile["cohort_ids"]
+    return _respond({g.identity.id_field: g.identity.value, "cohort_ids": cohort_ids, "count": len(cohort_ids)}, lookup)
+
+
+@v1.get("/cohorts/<cohort_id>")
+def cohort_membership(cohort_id: str) -> Response:
+    lookup = _lookup(_planner().whole(g.identity))
+    member = cohort_id in lookup.profile["cohort_ids"]
+    return _respond({g.identity.id_field: g.identity.value, "cohort_id": cohort_id, "member": member}, lookup)
+
+
+@v1.get("/predictions/<prediction_id>")
+def prediction(prediction_id: str) -> Response:
+    planner = _planner()
+    propensity_type = _args("prediction")["type"] or planner.propensity_type
+    lookup = _lookup(planner.prediction(g.identity, prediction_id, propensity_type))
+    value = lookup.profile["predictions"].get(prediction_id)
+    body = {
+        g.identity.id_field: g.identity.value,
+        "prediction_id": prediction_id,
+        "type": propensity_type,
+        "value": value,
+    }
+    return _respond(body, lookup)
+
+
+@v1.get("")
+def profile() -> Response:
+    planner = _planner()
+    lookup = _lookup(planner.whole(g.identity))
+    data = lookup.profile
+    recs = data["recommendations"] or {}
+    ids = {"user_id": data["user_id"], "device_id": data["device_id"], g.identity.id_field: g.identity.value}
+    body = {
+        **ids,
+        "properties": data["properties"],
+        "cohort_ids": data["cohort_ids"],
+        "recommendations": {
+            rec_id: _shape_rec(rec_id, recs[rec_id], None) for rec_id in planner.rec_ids if rec_id in recs
+        },
+        "predictions": {
+            pred_id: {"type": planner.propensity_type, "value": data["predictions"].get(pred_id)}
+            for pred_id in planner.prediction_ids
+        },
+    }
+    return _respond(body, lookup)

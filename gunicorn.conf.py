@@ -1,0 +1,74 @@
+"""Gunicorn settings: ``gunicorn -c gunicorn.conf.py`` from the repository root.
+
+Worker model: ``gthread``. A request that misses the cache blocks on Amplitude (up to
+the 1.5 s deadline), and ``requests``/``redis-py`` are blocking libraries, so each
+in-flight request needs a thread; gthread keeps idle keep-alive connections in a
+selector instead of a thread, so hundreds of Braze connections cost little, and
+``threads`` bounds how many requests run at once. (gevent would hold more waiting
+requests, but monkey-patching makes locks, the budget's sleeps and redis-py's pool
+harder to reason about; the cache makes long waits rare.)
+
+Workers: without ``REDIS_URL`` the cache and the upstream budget live in each process,
+so one process (with many threads) keeps "one upstream call per user" true. With
+Redis, cache and budget are shared and one process per core is used. ``WEB_CONCURRENCY``
+overrides either choice; the upstream budget is then split between the processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import gunicorn.http.wsgi
+
+# No version banner in responses.
+gunicorn.http.wsgi.SERVER = "amplitude-profile-proxy"
+
+_shared = bool(os.environ.get("REDIS_URL"))
+workers = int(os.environ.get("WEB_CONCURRENCY") or ((os.cpu_count() or 1) if _shared else 1))
+threads = int(os.environ.get("GUNICORN_THREADS") or 32)
+worker_class = "gthread"
+# Each process gets limit / workers of the upstream budget when Redis is not there
+# (and as a fallback when it is down). Several instances without Redis: set
+# UPSTREAM_BUDGET_SHARES to the total number of worker processes across all of them.
+os.environ.setdefault("UPSTREAM_BUDGET_SHARES", str(workers))
+
+wsgi_app = "app:create_app()"
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+backlog = 2048
+worker_connections = 1000
+keepalive = 75  # longer than common load balancer idle timeouts
+timeout = 30
+graceful_timeout = 20
+
+# Bound what a client can make the server hold (request line, header count and size).
+limit_request_line = 8190
+limit_request_fields = 50
+limit_request_field_size = 8190
+
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "root": {"level": os.environ.get("LOG_LEVEL", "INFO").upper(), "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": False},
+    },
+}
+
+
+def on_starting(server: object) -> None:
+    """Refuse to start with bad settings: one line naming the variable."""
+    from app.settings import SettingsError, load_settings
+
+    try:
+        load_settings(os.environ)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,289 @@
+"""Fixtures mirroring the factory: a running simulator, services over real HTTP, Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from app import create_app
+from app.settings import SettingsSchema
+from simulator import AmplitudeSimulator
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM_SECRET = "sim-secret-key-for-tests"
+BRAZE_KEY = "test-key-braze-0001"
+CURL_KEY = "test-key-curl-0002"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_env(sim: AmplitudeSimulator, **overrides: Any) -> dict[str, str]:
+    """Settings for a service pointed at *sim*; tests override what they exercise."""
+    env = {
+        "AMPLITUDE_SECRET_KEY": SIM_SECRET,
+        "AMPLITUDE_API_URL": sim.url,
+        "ALLOW_INSECURE_UPSTREAM": "true",
+        "PROXY_API_KEYS": f"braze:{BRAZE_KEY},curl:{CURL_KEY}",
+        "PROFILE_REC_IDS": "rec_home,rec_email",
+        "PROFILE_PREDICTION_IDS": "pred_churn,pred_purchase",
+        # Functional tests are not about the budget: keep it out of their way.
+        "UPSTREAM_RATE_LIMIT_PER_MINUTE": "1000000",
+    }
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def simulator_server() -> Iterator[AmplitudeSimulator]:
+    sim = AmplitudeSimulator(secret_key=SIM_SECRET, port=0, rate_limit_per_minute=None)
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def sim(simulator_server: AmplitudeSimulator) -> Iterator[AmplitudeSimulator]:
+    """The shared simulator, clean for each test."""
+    simulator_server.reset()
+    simulator_server.latency_ms = 0
+    simulator_server.rate_limit_per_minute = None
+    simulator_server.unknown_user_status = 200
+    yield simulator_server
+    simulator_server.set_fault("none")
+
+
+@dataclass
+class RunningService:
+    """One service instance served over real HTTP on loopback."""
+
+    url: str
+    app: Any
+    server: BaseWSGIServer
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def get(self, path: str, *, key: str | None = BRAZE_KEY, **kwargs: Any) -> requests.Response:
+        """GET *path* with the Braze caller key as a Bearer token (``key=None``: no credentials)."""
+        headers = dict(kwargs.pop("headers", {}) or {})
+        if key is not None and "Authorization" not in headers and "X-API-Key" not in headers:
+            headers["Authorization"] = f"Bearer {key}"
+        kwargs.setdefault("timeout", 5)
+        return self.session.get(self.url + path, headers=headers, **kwargs)
+
+    @property
+    def extensions(self) -> Any:
+        return self.app.extensions["profile_proxy"]
+
+
+@pytest.fixture
+def make_service(sim: AmplitudeSimulator) -> Iterator[Callable[..., RunningService]]:
+    """Build and serve an app with settings overrides: ``make_service(CACHE_TTL_SECONDS=5)``."""
+    running: list[RunningService] = []
+
+    def build(clock: Callable[[], float] = time.time, **overrides: Any) -> RunningService:
+        app = create_app(environ=base_env(sim, **overrides), clock=clock)
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        server.daemon_threads = True  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        service = RunningService(f"http://127.0.0.1:{server.server_port}", app, server)
+        running.append(service)
+        return service
+
+    yield build
+    for service in running:
+        service.server.shutdown()
+        service.server.server_close()
+        service.session.close()
+        service.extensions.close()
+
+
+@pytest.fixture
+def service(make_service: Callable[..., RunningService]) -> RunningService:
+    return make_service()
+
+
+class FakeClock:
+    """Wall-clock time that tests move forward instead of sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free port that tests may kill and restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `make system-deps` (CI installs it)")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        try:
+            for _ in range(100):
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def flush(self) -> None:
+        client = redis.Redis.from_url(self.url)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | str]:
+    external = os.environ.get("REDIS_URL")
+    if external:
+        yield external
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_session: RedisServer | str) -> str:
+    """A clean Redis for each test."""
+    url = redis_session if isinstance(redis_session, str) else redis_session.url
+    if isinstance(redis_session, RedisServer) and redis_session.process is None:
+        redis_session.start()
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis this test alone owns, to kill and restart."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class GunicornService:
+    """The service under its real ``gunicorn.conf.py``, as a subprocess."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        # Only the settings this test chose: nothing leaks in from the caller's environment.
+        inherited = {k: v for k, v in os.environ.items() if k not in SettingsSchema().fields and k != "WEB_CONCURRENCY"}
+        full_env = {**inherited, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {log_path.read_text()}")
+            try:
+                requests.get(self.url + "/healthz", timeout=0.5).close()
+                return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("gunicorn did not start")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def gunicorn_service(sim: AmplitudeSimulator, tmp_path: Path) -> Iterator[Callable[..., GunicornService]]:
+    started: list[GunicornService] = []
+
+    def start(**overrides: Any) -> GunicornService:
+        service = GunicornService(base_env(sim, **overrides), tmp_path / f"gunicorn-{len(started)}.log")
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()

@@ -1,0 +1,195 @@
+"""Fault injection against the simulator: status, body, headers, time bound and call count."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+DEADLINE = 1.5
+# Slack for the test client's own scheduling on a busy 2-core machine.
+SLACK = 0.2
+
+
+def timed_get(service, path):
+    started = time.monotonic()
+    response = service.get(path)
+    return response, time.monotonic() - started
+
+
+FAILURES = [
+    ("timeout", "slow", {"seconds": 3}),
+    ("hang", "hang", {"seconds": 5}),
+    ("dribble", "dribble", {"interval": 0.2}),
+    ("500", "status", {"status": 500}),
+    ("502", "status", {"status": 502}),
+    ("503", "status", {"status": 503}),
+    ("reset", "reset", {}),
+    ("html", "html", {}),
+    ("truncated", "truncated", {}),
+    ("wrong-shape", "wrong_shape", {}),
+    ("wrong-shape-array", "wrong_shape", {"body": [1, 2, 3]}),
+    ("wrong-shape-userdata", "wrong_shape", {"body": {"userData": {"recommendations": "nope"}}}),
+    ("oversized", "oversized", {"size_bytes": 3_000_000}),
+]
+
+
+@pytest.mark.parametrize(("name", "mode", "options"), FAILURES, ids=[f[0] for f in FAILURES])
+def test_upstream_failure_is_a_prompt_retryable_503(service, sim, name, mode, options):
+    sim.set_fault(mode, **options)
+    response, elapsed = timed_get(service, "/v1/users/user-f1/cohorts")
+    assert response.status_code == 503
+    assert response.json()["error"] == "upstream_unavailable"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["Cache-Control"] == "no-store"
+    assert elapsed < DEADLINE + SLACK
+    assert sim.calls == 1
+
+
+@pytest.mark.parametrize(("name", "mode", "options"), FAILURES, ids=[f[0] for f in FAILURES])
+def test_upstream_failure_with_default_is_a_fallback(service, sim, name, mode, options):
+    sim.set_fault(mode, **options)
+    response, elapsed = timed_get(service, "/v1/users/user-f2/recommendations/rec_home?default=a,b")
+    assert response.status_code == 200
+    assert response.json()["fallback"] is True and response.json()["reason"] == "upstream_unavailable"
+    assert elapsed < DEADLINE + SLACK
+
+
+@pytest.mark.parametrize(("name", "mode", "options"), FAILURES[:4], ids=[f[0] for f in FAILURES[:4]])
+def test_failures_never_replace_good_data(make_service, sim, clock, name, mode, options):
+    service = make_service(clock=clock, CACHE_TTL_SECONDS=60, STALE_WHILE_REVALIDATE_SECONDS=0)
+    good = service.get("/v1/users/user-f3/cohorts")
+    assert good.status_code == 200
+    clock.advance(3600)
+    sim.set_fault(mode, **options)
+    response, elapsed = timed_get(service, "/v1/users/user-f3/cohorts")
+    assert response.status_code == 200
+    assert response.headers["X-Cache"] == "STALE"
+    assert response.json() == good.json()
+    assert elapsed < DEADLINE + SLACK
+    sim.set_fault("none")
+    clock.advance(1)
+    # Still the good entry: the error was not cached in its place.
+    again = service.get("/v1/users/user-f3/cohorts")
+    assert again.status_code == 200 and again.json() == good.json()
+
+
+def test_stale_if_error_has_a_limit(make_service, sim, clock):
+    service = make_service(
+        clock=clock, CACHE_TTL_SECONDS=60, STALE_WHILE_REVALIDATE_SECONDS=0, STALE_IF_ERROR_SECONDS=600
+    )
+    assert service.get("/v1/users/user-f4/cohorts").status_code == 200
+    clock.advance(60 + 601)
+    sim.set_fault("status", status=500)
+    assert service.get("/v1/users/user-f4/cohorts").status_code == 503
+
+
+@pytest.mark.parametrize(("retry_after", "expected"), [(7, 7), (None, 30)])
+def test_429_backs_off_without_retrying(service, sim, retry_after, expected):
+    sim.set_fault("rate_limited", count=1, retry_after=retry_after)
+    first = service.get("/v1/users/user-g1/cohorts")
+    assert first.status_code == 503
+    assert first.json()["error"] == "rate_limited"
+    assert int(first.headers["Retry-After"]) == expected
+    # Every other user is held back too, without a call, for the back-off period.
+    second = service.get("/v1/users/user-g2/cohorts")
+    assert second.status_code == 503 and second.json()["error"] == "rate_limited"
+    assert 1 <= int(second.headers["Retry-After"]) <= expected
+    assert sim.calls == 1
+
+
+def test_unauthorized_upstream_is_never_retried(service, sim):
+    sim.set_fault("unauthorized")
+    for _ in range(3):
+        response = service.get("/v1/users/user-h1/cohorts")
+        assert response.status_code == 502
+    assert sim.calls == 3  # one per request, no retries
+
+
+def test_stampede_of_200_on_one_cold_user_makes_one_call(service, sim):
+    sim.latency_ms = 400
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        results = list(pool.map(lambda _: timed_get(service, "/v1/users/user-herd/properties"), range(200)))
+    assert [r.status_code for r, _ in results] == [200] * 200
+    assert max(elapsed for _, elapsed in results) < DEADLINE + 0.5
+    assert sim.calls == 1
+
+
+def test_stampede_on_one_expired_user_makes_one_refresh(make_service, sim, clock):
+    service = make_service(clock=clock, CACHE_TTL_SECONDS=60)
+    assert service.get("/v1/users/user-exp/properties").status_code == 200
+    clock.advance(120)
+    sim.latency_ms = 300
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(lambda _: service.get("/v1/users/user-exp/properties"), range(100)))
+    assert [r.status_code for r in responses] == [200] * 100
+    assert {r.headers["X-Cache"] for r in responses} == {"STALE"}
+    deadline = time.monotonic() + 3
+    while sim.calls < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.4)
+    assert sim.calls == 2
+
+
+def test_breaker_opens_then_half_opens_with_one_probe(make_service, sim):
+    service = make_service(BREAKER_FAILURE_THRESHOLD=3, BREAKER_COOLDOWN_SECONDS=1)
+    sim.set_fault("status", status=500)
+    for n in range(3):
+        assert service.get(f"/v1/users/user-b{n}/cohorts").status_code == 503
+    assert sim.calls == 3
+    # Open: answered at once, no call.
+    response, elapsed = timed_get(service, "/v1/users/user-b9/cohorts")
+    assert response.status_code == 503 and response.json()["error"] == "upstream_unavailable"
+    assert elapsed < 0.3
+    assert sim.calls == 3
+    assert service.get("/readyz", key=None).json()["checks"]["circuit"] == "open"
+
+    time.sleep(1.1)
+    sim.set_fault("none")
+    sim.latency_ms = 300
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        statuses = list(pool.map(lambda n: service.get(f"/v1/users/user-p{n}/cohorts").status_code, range(10)))
+    # Half-open: exactly one probe went through; the rest were answered without a call.
+    assert sim.calls == 4
+    assert statuses.count(200) == 1 and statuses.count(503) == 9
+    # The probe succeeded, so the circuit is closed again.
+    sim.latency_ms = 0
+    assert service.get("/v1/users/user-after/cohorts").status_code == 200
+    assert service.get("/readyz", key=None).json()["checks"]["circuit"] == "closed"
+
+
+def test_breaker_open_serves_stale_at_once(make_service, sim, clock):
+    service = make_service(
+        clock=clock, CACHE_TTL_SECONDS=60, STALE_WHILE_REVALIDATE_SECONDS=0, BREAKER_FAILURE_THRESHOLD=2
+    )
+    assert service.get("/v1/users/user-s1/cohorts").status_code == 200
+    sim.set_fault("status", status=503)
+    for n in range(2):
+        service.get(f"/v1/users/user-x{n}/cohorts")
+    clock.advance(600)
+    response, elapsed = timed_get(service, "/v1/users/user-s1/cohorts")
+    assert response.status_code == 200 and response.headers["X-Cache"] == "STALE"
+    assert elapsed < 0.3
+
+
+def test_budget_exhausted_answers_stale_then_fallback_then_503(make_service, sim, clock):
+    service = make_service(
+        clock=clock,
+        CACHE_TTL_SECONDS=60,
+        STALE_WHILE_REVALIDATE_SECONDS=0,
+        UPSTREAM_RATE_LIMIT_PER_MINUTE=30,
+        BUDGET_MAX_WAIT_SECONDS=0.25,
+    )
+    time.sleep(2.2)  # one token (30/min refills a token about every 2 s)
+    assert service.get("/v1/users/user-k1/cohorts").status_code == 200
+    clock.advance(600)
+    stale, elapsed = timed_get(service, "/v1/users/user-k1/cohorts")
+    assert stale.status_code == 200 and stale.headers["X-Cache"] == "STALE"
+    fallback = service.get("/v1/users/user-k2/recommendations/rec_home?default=x")
+    assert fallback.status_code == 200 and fallback.json()["reason"] == "rate_limited"
+    refused, elapsed = timed_get(service, "/v1/users/user-k3/cohorts")
+    assert refused.status_code == 503 and refused.json()["error"] == "rate_limited"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 3
+    assert elapsed < 0.5
+    assert sim.calls == 1

@@ -1,0 +1,96 @@
+"""Redis as the shared tier: one cache, one budget and one call per user across instances."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+
+def test_two_instances_share_one_cache(make_service, sim, redis_url):
+    first = make_service(REDIS_URL=redis_url)
+    second = make_service(REDIS_URL=redis_url)
+    assert first.get("/v1/users/user-1/cohorts").headers["X-Cache"] == "MISS"
+    response = second.get("/v1/users/user-1/properties")
+    assert response.status_code == 200
+    assert response.headers["X-Cache"] == "HIT"
+    assert sim.calls == 1
+
+
+def test_two_instances_missing_one_user_at_once_make_one_call(make_service, sim, redis_url):
+    sim.latency_ms = 300
+    services = [make_service(REDIS_URL=redis_url) for _ in range(2)]
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        responses = list(pool.map(lambda n: services[n % 2].get("/v1/users/user-stampede/cohorts"), range(40)))
+    assert [r.status_code for r in responses] == [200] * 40
+    assert sim.calls == 1
+
+
+def test_unknown_user_is_shared_too(make_service, sim, redis_url):
+    first = make_service(REDIS_URL=redis_url)
+    second = make_service(REDIS_URL=redis_url)
+    assert first.get("/v1/users/unknown-shared/cohorts").status_code == 404
+    assert second.get("/v1/users/unknown-shared/cohorts").status_code == 404
+    assert sim.calls == 1
+
+
+def test_budget_is_shared_across_instances(make_service, sim, redis_url):
+    # 40 per minute is a shared bucket refilling 38/61 tokens a second; waiting is off so
+    # every outcome is immediate. Two separate buckets would each grant a token here.
+    services = [
+        make_service(REDIS_URL=redis_url, UPSTREAM_RATE_LIMIT_PER_MINUTE=40, BUDGET_MAX_WAIT_SECONDS=0)
+        for _ in range(2)
+    ]
+    first = services[0].get("/v1/users/user-b0/cohorts")  # starts the shared bucket, empty
+    assert first.status_code == 503 and first.json()["error"] == "rate_limited"
+    assert 1 <= int(first.headers["Retry-After"]) <= 2
+    time.sleep(2.0)  # about 1.25 tokens
+    statuses = [services[n % 2].get(f"/v1/users/user-b{n}/cohorts").status_code for n in range(1, 11)]
+    assert statuses.count(200) == 1
+    assert statuses.count(503) == 9
+    assert sim.calls == 1
+
+
+def test_a_429_pauses_every_instance(make_service, sim, redis_url):
+    first = make_service(REDIS_URL=redis_url)
+    second = make_service(REDIS_URL=redis_url)
+    sim.set_fault("rate_limited", count=1, retry_after=30)
+    response = first.get("/v1/users/user-429/cohorts")
+    assert response.status_code == 503 and response.json()["error"] == "rate_limited"
+    paused = second.get("/v1/users/user-other/cohorts")
+    assert paused.status_code == 503 and paused.json()["error"] == "rate_limited"
+    assert 1 <= int(paused.headers["Retry-After"]) <= 30
+    assert sim.calls == 1
+
+
+def test_redis_killed_mid_run_and_restarted(make_service, sim, own_redis):
+    service = make_service(REDIS_URL=own_redis.url)
+    assert service.get("/v1/users/user-r1/cohorts").status_code == 200
+    assert service.get("/readyz", key=None).json()["checks"]["redis"] == "ok"
+
+    own_redis.stop()
+    # Cached users still come from L1; new users still reach Amplitude within the local share.
+    cached = service.get("/v1/users/user-r1/cohorts")
+    assert cached.status_code == 200 and cached.headers["X-Cache"] == "HIT"
+    started = time.monotonic()
+    fresh = service.get("/v1/users/user-r2/cohorts")
+    assert fresh.status_code == 200
+    assert time.monotonic() - started < 1.5
+    ready = service.get("/readyz", key=None)
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "degraded" and ready.json()["checks"]["redis"] == "unavailable"
+
+    own_redis.start()
+    time.sleep(1.1)  # the pause after a failure
+    assert service.get("/v1/users/user-r3/cohorts").status_code == 200
+    assert service.get("/readyz", key=None).json()["checks"]["redis"] == "ok"
+    # The new profile went to Redis again: a second instance finds it there.
+    other = make_service(REDIS_URL=own_redis.url)
+    assert other.get("/v1/users/user-r3/cohorts").headers["X-Cache"] == "HIT"
+    assert sim.calls == 3
+
+
+def test_redis_never_configured_reports_not_configured(service):
+    body = requests.get(service.url + "/readyz", timeout=5).json()
+    assert body == {"status": "ok", "checks": {"settings": "ok", "circuit": "closed", "redis": "not_configured"}}
