@@ -9,7 +9,6 @@ import hmac
 
 from werkzeug.datastructures import Headers
 
-from app.errors import Unauthorized
 from app.settings import CallerKey
 
 
@@ -51,15 +50,3 @@ def presented_key(headers: Headers) -> str | None:
         _user, sep, password = decoded.partition(":")
         return password if sep and password else None
     return None
-
-
-def authenticate(keys: CallerKeys, headers: Headers) -> str:
-    """Return the caller's key name.
-
-    :raises Unauthorized: no credentials, or none that match.
-    """
-    presented = presented_key(headers)
-    name = keys.identify(presented) if presented else None
-    if name is None:
-        raise Unauthorized()
-    return name

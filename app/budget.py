@@ -27,7 +27,7 @@ local max_wait = tonumber(ARGV[3])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(state[1])
 local ts = tonumber(state[2])
-if tokens == nil or ts == nil then tokens = 0; ts = now end
+if tokens == nil or ts == nil then tokens = tonumber(ARGV[4]); ts = now end
 tokens = math.min(capacity, tokens + math.max(0, now - ts) * rate)
 local wait = 0
 if tokens < 1 then wait = (1 - tokens) / rate end
@@ -57,15 +57,17 @@ def bucket_shape(per_minute: float) -> tuple[float, float]:
 class TokenBucket:
     """A thread-safe token bucket that hands out reservations.
 
-    It starts empty, so a restarted process cannot add a fresh burst to a window
-    its predecessor already used.
+    The upstream budget starts empty, so a restarted process cannot add a fresh burst
+    to a window its predecessor already used.
     """
 
-    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, per_minute: float, clock: Callable[[], float] = time.monotonic, start_full: bool = False
+    ) -> None:
         self.capacity, self.rate = bucket_shape(per_minute)
         self._clock = clock
         self._lock = threading.Lock()
-        self._tokens = 0.0
+        self._tokens = self.capacity if start_full else 0.0
         self._stamp = clock()
 
     def _refill(self, now: float) -> None:
@@ -108,9 +110,13 @@ class UpstreamBudget:
         redis_tier: RedisTier | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        name: str = "budget",
+        start_full: bool = False,
     ) -> None:
+        self.name = name
+        self.start_full = start_full
         self.per_minute = per_minute
-        self.local = TokenBucket(per_minute / shares, clock)
+        self.local = TokenBucket(per_minute / shares, clock, start_full=start_full)
         self.shared_shape = bucket_shape(per_minute)
         self.redis = redis_tier
         self._clock = clock
@@ -147,11 +153,13 @@ class UpstreamBudget:
         if self._script is None or self.redis is None:
             return None
         capacity, rate = self.shared_shape
-        keys = [self.redis.key("budget"), self.redis.key("backoff")]
+        keys = [self.redis.key(self.name), self.redis.key("backoff")]
         script: Any = self._script
         try:
             granted, wait = self.redis.run(
-                lambda client: script(keys=keys, args=[rate, capacity, max_wait], client=client)
+                lambda client: script(
+                    keys=keys, args=[rate, capacity, max_wait, capacity if self.start_full else 0], client=client
+                )
             )
         except RedisUnavailable:
             return None
@@ -175,10 +183,50 @@ class UpstreamBudget:
     def tokens_left(self) -> float:
         """Tokens available now (this process's bucket, or the shared one when Redis answers)."""
         if self.redis is not None:
-            key = self.redis.key("budget")
+            key = self.redis.key(self.name)
             try:
                 tokens = self.redis.run(lambda client: client.hget(key, "tokens"))
                 return float(tokens) if tokens is not None else 0.0
             except RedisUnavailable:
                 pass
         return self.local.tokens
+
+
+class CallerMissCaps:
+    """A per-caller-key budget of upstream misses, so one key cannot spend everyone's budget.
+
+    A stream of random ids from one key (a leaked key, a broken template) is refused
+    once that key's share is spent, while other callers keep theirs.
+    """
+
+    def __init__(
+        self,
+        per_minute: int,
+        shares: int,
+        redis_tier: RedisTier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_minute = per_minute
+        self.shares = shares
+        self.redis = redis_tier
+        self._clock = clock
+        self._caps: dict[str, UpstreamBudget] = {}
+        self._lock = threading.Lock()
+
+    def spend(self, caller: str) -> None:
+        """Take one miss from *caller*'s allowance.
+
+        :raises RateLimited: the caller's allowance for this minute is spent.
+        """
+        with self._lock:
+            cap = self._caps.get(caller)
+            if cap is None:
+                cap = self._caps[caller] = UpstreamBudget(
+                    self.per_minute,
+                    self.shares,
+                    self.redis,
+                    clock=self._clock,
+                    name=f"caller:{caller}",
+                    start_full=True,
+                )
+        cap.acquire(0.0)

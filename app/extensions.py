@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 from app.auth import CallerKeys
 from app.breaker import CircuitBreaker
-from app.budget import UpstreamBudget
+from app.budget import CallerMissCaps, UpstreamBudget
 from app.cache import ProfileCache
+from app.observability import Metrics
 from app.profile import QueryPlanner
 from app.profiles import ProfileService
 from app.redis_tier import RedisTier
+from app.security import FailureBrake, NetworkAllowlist, parse_networks
 from app.settings import Settings
 from app.upstream import AmplitudeClient
 
@@ -30,6 +32,9 @@ class ProxyExtensions:
     breaker: CircuitBreaker
     cache: ProfileCache
     profiles: ProfileService
+    metrics: Metrics
+    allowlist: NetworkAllowlist
+    failure_brake: FailureBrake
 
     @classmethod
     def build(
@@ -45,7 +50,13 @@ class ProxyExtensions:
         breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, clock=monotonic)
         cache = ProfileCache(settings, redis_tier, clock=clock)
         client = AmplitudeClient(settings)
-        profiles = ProfileService(settings, client, cache, budget, breaker, clock=clock, monotonic=monotonic)
+        metrics = Metrics()
+        caller_caps = CallerMissCaps(
+            settings.caller_miss_limit, settings.upstream_budget_shares, redis_tier, clock=monotonic
+        )
+        profiles = ProfileService(
+            settings, client, cache, budget, breaker, metrics, caller_caps, clock=clock, monotonic=monotonic
+        )
         return cls(
             settings=settings,
             caller_keys=CallerKeys(settings.caller_keys),
@@ -56,6 +67,9 @@ class ProxyExtensions:
             breaker=breaker,
             cache=cache,
             profiles=profiles,
+            metrics=metrics,
+            allowlist=NetworkAllowlist(parse_networks(settings.allowed_cidrs)),
+            failure_brake=FailureBrake(settings.auth_failure_limit_per_minute, clock=monotonic),
         )
 
     def close(self) -> None:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.breaker import CircuitBreaker
-from app.budget import UpstreamBudget
+from app.budget import CallerMissCaps, UpstreamBudget
 from app.cache import Entry, ProfileCache
 from app.errors import ApiError, RetryableError, UpstreamMisconfigured, UpstreamUnavailable, UserNotFound
+from app.observability import Metrics, RequestTrace
 from app.profile import ProfileQuery
 from app.settings import Settings
 from app.upstream import AmplitudeClient, UpstreamThrottled
@@ -52,6 +53,8 @@ class ProfileService:
         cache: ProfileCache,
         budget: UpstreamBudget,
         breaker: CircuitBreaker,
+        metrics: Metrics,
+        caller_caps: CallerMissCaps | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -61,19 +64,23 @@ class ProfileService:
         self.freshness = cache.freshness
         self.budget = budget
         self.breaker = breaker
+        self.metrics = metrics
+        self.caller_caps = caller_caps
         self._clock = clock
         self._monotonic = monotonic
         self._inflight: dict[str, Future[Entry]] = {}
         self._inflight_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=settings.upstream_concurrency, thread_name_prefix="upstream")
-        self.upstream_calls = 0
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
-    def lookup(self, query: ProfileQuery, deadline: float) -> Lookup:
+    def lookup(self, query: ProfileQuery, deadline: float, trace: RequestTrace | None = None) -> Lookup:
         """Return the profile *query* asks for, answering by *deadline* (a monotonic time).
+
+        *trace* collects the cache outcome and upstream wait for the access log, and names
+        the caller whose miss allowance an upstream call spends.
 
         :raises UserNotFound: Amplitude has not seen the identity (possibly cached).
         :raises RetryableError: no usable data and no upstream answer in time.
@@ -83,7 +90,7 @@ class ProfileService:
         entry = self.cache.get(key)
         now = self._clock()
         if entry is not None and self.freshness.is_fresh(entry, now):
-            return self._answer(entry, HIT, now)
+            return self._answer(entry, HIT, now, trace)
         negative_key = _negative_key(query)
         negative = self.cache.get(negative_key)
         if self.cache.redis is not None:
@@ -91,29 +98,44 @@ class ProfileService:
             if shared is not None and (entry is None or shared.fetched_at > entry.fetched_at):
                 entry = shared
                 if self.freshness.is_fresh(entry, now):
-                    return self._answer(entry, HIT, now)
+                    return self._answer(entry, HIT, now, trace)
             negative = shared_negative or negative
         if negative is not None and self.freshness.is_fresh(negative, now):
+            self._note(trace, "negative")
             raise UserNotFound()
         if entry is not None and self.freshness.serve_while_revalidating(entry, now):
             self._refresh_in_background(query)
-            return self._answer(entry, STALE, now)
+            return self._answer(entry, STALE, now, trace)
+        self._note(trace, "miss")
+        started = self._monotonic()
         try:
-            fetched = self._fetch(query, deadline)
+            fetched = self._fetch(query, deadline, trace.caller if trace else None)
         except (RetryableError, UpstreamMisconfigured) as exc:
             now = self._clock()
             if entry is not None and self.freshness.serve_instead_of_error(entry, now):
-                return self._answer(entry, STALE, now, degraded_by=exc)
+                return self._answer(entry, STALE, now, trace, degraded_by=exc)
             raise
-        return self._answer(fetched, MISS, self._clock())
+        finally:
+            if trace is not None:
+                trace.upstream_ms += (self._monotonic() - started) * 1000
+        return self._answer(fetched, MISS, self._clock(), trace)
 
-    def _answer(self, entry: Entry, cache: str, now: float, degraded_by: ApiError | None = None) -> Lookup:
+    def _note(self, trace: RequestTrace | None, outcome: str) -> None:
+        self.metrics.cache.labels(outcome).inc()
+        if trace is not None:
+            trace.cache = outcome
+
+    def _answer(
+        self, entry: Entry, cache: str, now: float, trace: RequestTrace | None, degraded_by: ApiError | None = None
+    ) -> Lookup:
+        if cache != MISS:  # a miss was counted when it happened
+            self._note(trace, cache.lower())
         fresh_for = max(0.0, self.freshness.fresh_until(entry) - now)
         return Lookup(entry.profile(), cache, max(0.0, now - entry.fetched_at), fresh_for, degraded_by)
 
     # -- single-flight ---------------------------------------------------------------
 
-    def _fetch(self, query: ProfileQuery, deadline: float) -> Entry:
+    def _fetch(self, query: ProfileQuery, deadline: float, caller: str | None) -> Entry:
         """Wait for the one in-flight call for *query*, starting it if there is none."""
         key = query.cache_key
         with self._inflight_lock:
@@ -123,7 +145,7 @@ class ProfileService:
                 future = self._inflight[key] = Future()
         if leader:
             try:
-                future.set_result(self._obtain(query, deadline, background=False))
+                future.set_result(self._obtain(query, deadline, caller=caller))
             except BaseException as exc:  # handed to every waiter, re-raised below
                 future.set_exception(exc)
             finally:
@@ -146,7 +168,7 @@ class ProfileService:
     def _background_refresh(self, query: ProfileQuery, future: Future[Entry]) -> None:
         try:
             deadline = self._monotonic() + self.settings.request_deadline_seconds
-            future.set_result(self._obtain(query, deadline, background=True))
+            future.set_result(self._obtain(query, deadline, caller=None, background=True))
         except ApiError as exc:
             log.info("background refresh skipped: %s", exc.error)
             future.set_exception(exc)
@@ -163,7 +185,7 @@ class ProfileService:
 
     # -- one upstream call ---------------------------------------------------------------
 
-    def _obtain(self, query: ProfileQuery, deadline: float, background: bool) -> Entry:
+    def _obtain(self, query: ProfileQuery, deadline: float, caller: str | None, background: bool = False) -> Entry:
         """Get a fresh entry: from another process's call, or by spending a token on our own."""
         key = query.cache_key
         # A call that finished between the caller's cache miss and its becoming leader.
@@ -203,18 +225,23 @@ class ProfileService:
 
     def _call_upstream(self, query: ProfileQuery, lock_token: str) -> Entry:
         key = query.cache_key
-        self.upstream_calls += 1
+        started = self._monotonic()
+        outcome = "failed"
         try:
             profile = self.client.fetch(query)
+            outcome = "ok"
         except UserNotFound:
+            outcome = "not_found"
             self.breaker.record_success()
             self.cache.put(_negative_key(query), None)
             raise
         except UpstreamThrottled as exc:
+            outcome = "throttled"
             self.breaker.release()
             self.budget.back_off(exc.retry_after)
             raise
         except UpstreamMisconfigured:
+            outcome = "misconfigured"
             self.breaker.release()
             raise
         except UpstreamUnavailable as exc:
@@ -226,6 +253,8 @@ class ProfileService:
             raise
         finally:
             self.cache.unlock(key, lock_token)
+            self.metrics.upstream.labels(outcome).inc()
+            self.metrics.upstream_latency.observe(self._monotonic() - started)
         self.breaker.record_success()
         return self.cache.put(key, profile)
 

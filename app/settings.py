@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -61,8 +62,14 @@ class Settings:
     breaker_cooldown_seconds: float = 10.0
     redis_url: str | None = None
     redis_timeout_seconds: float = 0.1
+    allowed_cidrs: tuple[str, ...] = ()
+    trusted_proxy_count: int = 0
+    auth_failure_limit_per_minute: int = 20
+    caller_miss_limit_per_minute: int | None = None
     demo_mode: bool = False
     log_level: str = "INFO"
+    access_log: bool = True
+    log_user_ids: bool = False
 
     def __repr__(self) -> str:
         shown = []
@@ -74,6 +81,13 @@ class Settings:
                 value = _redact_url_password(value)
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
+
+    @property
+    def caller_miss_limit(self) -> int:
+        """Upstream misses one caller key may cause per minute (default: 90% of the budget)."""
+        if self.caller_miss_limit_per_minute is not None:
+            return self.caller_miss_limit_per_minute
+        return max(1, int(self.upstream_rate_limit_per_minute * 0.9))
 
     @property
     def upstream_profile_url(self) -> str:
@@ -116,6 +130,19 @@ class CallerKeyList(mf.Field):
         if len({k.name for k in keys}) != len(keys):
             raise ValidationError("key names must be unique")
         return tuple(keys)
+
+
+class CidrList(CommaList):
+    """Comma-separated networks (``203.0.113.0/24``) or single addresses."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        entries = super()._deserialize(value, attr, data, **kwargs)
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValidationError(f"{entry!r} is not a network or address") from None
+        return entries
 
 
 def _not_blank(value: str) -> None:
@@ -167,8 +194,15 @@ class SettingsSchema(Schema):
     BREAKER_COOLDOWN_SECONDS = _seconds(10.0, minimum=0.1, maximum=3600)
     REDIS_URL = mf.String(load_default=None, allow_none=True)
     REDIS_TIMEOUT_SECONDS = _seconds(0.1, minimum=0.005, maximum=1.0)
+    ALLOWED_CIDRS = CidrList(load_default=())
+    TRUSTED_PROXY_COUNT = mf.Integer(load_default=0, strict=False, validate=Range(min=0, max=10))
+    AUTH_FAILURE_LIMIT_PER_MINUTE = _count(20, minimum=0)
+    CALLER_MISS_LIMIT_PER_MINUTE = mf.Integer(load_default=None, allow_none=True, strict=False,
+                                              validate=Range(min=1))  # fmt: skip
     DEMO_MODE = mf.Boolean(load_default=False)
     LOG_LEVEL = mf.String(load_default="INFO", validate=OneOf(["DEBUG", "INFO", "WARNING", "ERROR"]))
+    ACCESS_LOG = mf.Boolean(load_default=True)
+    LOG_USER_IDS = mf.Boolean(load_default=False)
 
     @validates_schema
     def _check_combinations(self, data: dict[str, Any], **kwargs: Any) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from app.auth import authenticate
 from app.errors import FALLBACK_ERRORS, ApiError, InvalidRequest, NoRecommendations, json_response
+from app.hooks import authenticate
+from app.observability import CIRCUIT_STATES
 from app.params import SCHEMAS, decode_segment, load_args, parse_query
 from app.profile import KINDS, Identity
 from app.profiles import Lookup
@@ -44,16 +44,28 @@ def readyz() -> Response:
     return json_response({"status": status, "checks": checks}, headers={"Cache-Control": "no-store"})
 
 
+@health.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics; needs an admin key when ADMIN_API_KEYS is set, else a caller key."""
+    extensions = current_app.extensions["profile_proxy"]
+    keys = extensions.admin_keys or extensions.caller_keys
+    if keys:
+        g.trace.caller = authenticate(keys, kind="admin" if extensions.admin_keys else "caller")
+    metrics = extensions.metrics
+    metrics.circuit.set(CIRCUIT_STATES[extensions.breaker.state])
+    metrics.budget_tokens.set(extensions.budget.tokens_left())
+    redis = extensions.redis
+    metrics.redis_up.set(-1 if redis is None else int(redis.healthy))
+    body, content_type = metrics.render()
+    return Response(body, mimetype=None, content_type=content_type, headers={"Cache-Control": "no-store"})
+
+
 @v1.url_value_preprocessor
 def _prepare(endpoint: str | None, values: dict[str, Any] | None) -> None:
     """Authenticate, then decode and check every path value, before any other work."""
     extensions = current_app.extensions["profile_proxy"]
-    arrival = request.environ.get("profile_proxy.arrival") or time.monotonic()
-    g.deadline = arrival + extensions.settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS
-    if extensions.caller_keys:
-        g.caller = authenticate(extensions.caller_keys, request.headers)
-    else:
-        g.caller = "open"
+    g.deadline = g.trace.started + extensions.settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS
+    g.trace.caller = authenticate(extensions.caller_keys) if extensions.caller_keys else "open"
     values = values if values is not None else {}
     id_field = KINDS[values.pop("kind")]
     g.identity = Identity(id_field, decode_segment(id_field, values.pop("id")))
@@ -67,7 +79,7 @@ def _args(schema: str) -> dict[str, Any]:
 
 
 def _lookup(query: Any) -> Lookup:
-    return current_app.extensions["profile_proxy"].profiles.lookup(query, g.deadline)
+    return current_app.extensions["profile_proxy"].profiles.lookup(query, g.deadline, g.trace)
 
 
 def _planner() -> Any:

@@ -1,0 +1,68 @@
+"""Who may call: a network allowlist, and a brake on repeated authentication failures."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from cachetools import TTLCache
+
+log = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """``10.0.0.0/8,2001:db8::/32`` style entries as networks (a bare address is a /32 or /128)."""
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+class NetworkAllowlist:
+    """Callers' addresses that may use the service; empty means everyone."""
+
+    def __init__(self, networks: tuple[IPNetwork, ...]) -> None:
+        self.networks = networks
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def allows(self, address: str | None) -> bool:
+        if not self.networks:
+            return True
+        try:
+            ip = ipaddress.ip_address((address or "").split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks)
+
+
+class FailureBrake:
+    """Count authentication failures per address; past *limit* a minute, refuse failures at once.
+
+    Only failing attempts are refused: Braze sends from shared addresses, so locking an
+    address out entirely would let one misconfigured template (or another Braze customer)
+    block every campaign sent from it. Refused attempts skip the key comparison and the
+    per-failure log line, which keeps a guessing loop cheap for us and noisy in metrics.
+    """
+
+    def __init__(self, limit: int, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: TTLCache[str, int] = TTLCache(maxsize=10_000, ttl=window, timer=clock)
+        self._lock = threading.Lock()
+
+    def blocked(self, address: str) -> bool:
+        with self._lock:
+            return self.limit > 0 and self._failures.get(address, 0) >= self.limit
+
+    def record_failure(self, address: str) -> int:
+        with self._lock:
+            count = self._failures.get(address, 0) + 1
+            # Re-setting restarts the window: a steady trickle stays braked.
+            self._failures[address] = count
+            return count
