@@ -17,7 +17,9 @@ overrides either choice; the upstream budget is then split between the processes
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 import gunicorn.http.wsgi
 
@@ -32,6 +34,12 @@ worker_class = "gthread"
 # (and as a fallback when it is down). Several instances without Redis: set
 # UPSTREAM_BUDGET_SHARES to the total number of worker processes across all of them.
 os.environ.setdefault("UPSTREAM_BUDGET_SHARES", str(workers))
+
+# prometheus_client's multi-process mode: every worker writes its metrics to files here,
+# and a scrape of any worker adds them up. Set before workers import prometheus_client.
+_metrics_dir = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), f"amplitude-proxy-metrics-{os.getpid()}")
+)
 
 wsgi_app = "app:create_app()"
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
@@ -73,3 +81,17 @@ def on_starting(server: object) -> None:
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
+    # Counts from a previous run must not be added to this one's.
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir, exist_ok=True)
+
+
+def child_exit(server: object, worker: object) -> None:
+    """Drop a dead worker's live gauges from the metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    shutil.rmtree(_metrics_dir, ignore_errors=True)

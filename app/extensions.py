@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from app.auth import CallerKeys
 from app.breaker import CircuitBreaker
@@ -35,6 +36,7 @@ class ProxyExtensions:
     metrics: Metrics
     allowlist: NetworkAllowlist
     failure_brake: FailureBrake
+    openapi: dict[str, Any] | None = None
 
     @classmethod
     def build(

@@ -94,27 +94,27 @@ class RecommendationArgs(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    limit = fields.Integer(load_default=None, strict=False, validate=Range(min=1, max=100))
-    rec_type = fields.String(load_default=None, validate=OneOf(["model", "random"]))
-    default = IdList(load_default=None)
+    limit = fields.Integer(strict=False, validate=Range(min=1, max=100))
+    rec_type = fields.String(validate=OneOf(["model", "random"]))
+    default = IdList()
 
 
 class RecommendationListArgs(RecommendationArgs):
-    ids = IdList(load_default=None, max_items=20)
+    ids = IdList(max_items=20)
 
 
 class PropertiesArgs(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    keys = IdList(load_default=None)
+    keys = IdList()
 
 
 class PredictionArgs(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    type = fields.String(load_default=None, validate=OneOf(["score", "pct"]))
+    type = fields.String(validate=OneOf(["score", "pct"]))
 
 
 SCHEMAS = {

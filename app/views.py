@@ -44,6 +44,17 @@ def readyz() -> Response:
     return json_response({"status": status, "checks": checks}, headers={"Cache-Control": "no-store"})
 
 
+@health.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3 description of this service, built once from its routes and schemas."""
+    extensions = current_app.extensions["profile_proxy"]
+    if extensions.openapi is None:
+        from app.openapi import build_spec
+
+        extensions.openapi = build_spec(current_app)
+    return json_response(extensions.openapi, headers={"Cache-Control": "public, max-age=3600"})
+
+
 @health.get("/metrics")
 def metrics() -> Response:
     """Prometheus metrics; needs an admin key when ADMIN_API_KEYS is set, else a caller key."""
@@ -136,8 +147,8 @@ def _find_rec(profile: dict[str, Any], rec_id: str) -> dict[str, Any]:
 
 def _recommendations(rec_ids: tuple[str, ...], args: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Lookup | None]:
     """Each requested recommendation, or its fallback when ``default`` was given."""
-    query = _planner().recommendations(g.identity, rec_ids, args["rec_type"])
-    default, limit = args["default"], args["limit"]
+    query = _planner().recommendations(g.identity, rec_ids, args.get("rec_type"))
+    default, limit = args.get("default"), args.get("limit")
     try:
         lookup = _lookup(query)
     except FALLBACK_ERRORS as exc:
@@ -165,7 +176,7 @@ def recommendation(rec_id: str) -> Response:
 @v1.get("/recommendations")
 def recommendations() -> Response:
     args = _args("recommendations")
-    rec_ids = args["ids"] or _planner().rec_ids
+    rec_ids = args.get("ids") or _planner().rec_ids
     if not rec_ids:
         raise InvalidRequest("ids", "is required when PROFILE_REC_IDS is not configured")
     shaped, lookup = _recommendations(tuple(rec_ids), args)
@@ -176,7 +187,7 @@ def recommendations() -> Response:
 
 @v1.get("/properties")
 def properties() -> Response:
-    keys = _args("properties")["keys"]
+    keys = _args("properties").get("keys")
     lookup = _lookup(_planner().whole(g.identity))
     props = lookup.profile["properties"]
     if keys is not None:
@@ -208,7 +219,7 @@ def cohort_membership(cohort_id: str) -> Response:
 @v1.get("/predictions/<prediction_id>")
 def prediction(prediction_id: str) -> Response:
     planner = _planner()
-    propensity_type = _args("prediction")["type"] or planner.propensity_type
+    propensity_type = _args("prediction").get("type") or planner.propensity_type
     lookup = _lookup(planner.prediction(g.identity, prediction_id, propensity_type))
     value = lookup.profile["predictions"].get(prediction_id)
     body = {

@@ -1,0 +1,112 @@
+"""The OpenAPI 3 document, generated from the routes and the marshmallow schemas."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Flask
+from marshmallow import Schema
+
+from app import schemas
+from app.params import SCHEMAS, IdList
+
+SECURITY_SCHEMES = {
+    "basicAuth": {"type": "http", "scheme": "basic", "description": "Any user name; the caller key as password."},
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer KEY`."},
+    "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+CALLER_SECURITY: list[dict[str, list[str]]] = [{"basicAuth": []}, {"bearerAuth": []}, {"apiKeyAuth": []}]
+
+_DATA_ERRORS = {
+    400: "Invalid id or parameter (`invalid_request`, with `field`).",
+    401: "Missing or wrong caller key (`unauthorized`).",
+    403: "The caller's address is not allowed (`forbidden`).",
+    404: "`user_not_found`, `no_recommendations` or `not_found`.",
+    429: "Too many failed authentications from this address (`too_many_auth_failures`).",
+    502: "Amplitude rejected the service's key (`upstream_misconfigured`).",
+    503: "`upstream_unavailable` or `rate_limited`; retry after `Retry-After` seconds.",
+}
+
+#: endpoint -> (summary, query schema name or None, response schema, description)
+ROUTES: dict[str, tuple[str, str | None, type[Schema], str]] = {
+    "v1.recommendation": (
+        "One recommendation", "recommendation", schemas.RecommendationResponse,
+        "Items of one Amplitude recommendation. With `default`, failures become a 200 with `fallback: true`.",
+    ),
+    "v1.recommendations": (
+        "Several recommendations", "recommendations", schemas.RecommendationListResponse,
+        "Several recommendations at once (`ids`, else the configured PROFILE_REC_IDS).",
+    ),
+    "v1.properties": (
+        "User properties", "properties", schemas.PropertiesResponse,
+        "User and computed properties; with `keys`, exactly those keys (missing ones as null).",
+    ),
+    "v1.property_value": ("One property", None, schemas.PropertyResponse, "`value` is null when the user lacks it."),
+    "v1.cohorts": ("Cohorts", None, schemas.CohortsResponse, "Ids of the tracked cohorts the user is in."),
+    "v1.cohort_membership": ("Cohort membership", None, schemas.CohortMembershipResponse, "Whether the user is in it."),
+    "v1.prediction": ("Prediction", "prediction", schemas.PredictionResponse, "A prediction's score or percentile."),
+    "v1.profile": ("Whole profile", None, schemas.ProfileResponse, "Everything kept for the user, in one object."),
+    "health.healthz": ("Liveness", None, schemas.HealthResponse, "The process is alive; no credentials."),
+    "health.readyz": ("Readiness", None, schemas.ReadyResponse, "Settings, Redis, circuit; no Amplitude call."),
+}  # fmt: skip
+
+_PATH_PARAMS = {
+    "kind": {"schema": {"type": "string", "enum": ["users", "devices"]}, "description": "users or devices"},
+    "id": {"schema": {"type": "string", "minLength": 1}, "description": "The URL-encoded user or device id."},
+}  # fmt: skip
+
+
+def _openapi_path(rule: str) -> tuple[str, list[str]]:
+    names = re.findall(r"<(?:[^:<>]+:)?([^<>]+)>", rule)
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule), names
+
+
+def build_spec(app: Flask) -> dict[str, Any]:
+    """Describe every documented route of *app*."""
+    plugin = MarshmallowPlugin()
+    spec = APISpec(
+        title="Amplitude profiles for Braze Connected Content",
+        version="1.0.0",
+        openapi_version="3.0.3",
+        plugins=[plugin],
+        info={"description": "Flat JSON objects from Amplitude's User Profile API, cached and rate-budgeted."},
+    )
+    plugin.map_to_openapi_type(IdList, "string", None)
+    for name, scheme in SECURITY_SCHEMES.items():
+        spec.components.security_scheme(name, scheme)
+    spec.components.schema("Error", schema=schemas.ErrorResponse)
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint not in ROUTES:
+            continue
+        summary, query, response, description = ROUTES[rule.endpoint]
+        path, names = _openapi_path(rule.rule)
+        parameters: list[dict[str, Any]] = [
+            {"in": "path", "name": n, "required": True, **_PATH_PARAMS.get(n, {"schema": {"type": "string"}})}
+            for n in names
+        ]
+        if query:
+            parameters.append({"in": "query", "schema": type(SCHEMAS[query])})
+        responses: dict[int | str, Any] = {
+            200: {"description": "OK", "content": {"application/json": {"schema": response}}}
+        }
+        is_data = rule.endpoint.startswith("v1.")
+        if is_data:
+            for status, text in _DATA_ERRORS.items():
+                entry: dict[str, Any] = {"description": text, "content": {"application/json": {"schema": "Error"}}}
+                if status in (429, 503):
+                    entry["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+                responses[status] = entry
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "description": description,
+            "operationId": rule.endpoint.replace(".", "_"),
+            "parameters": parameters,
+            "responses": responses,
+        }
+        if is_data:
+            operation["security"] = CALLER_SECURITY
+        spec.path(path=path, operations={"get": operation})
+    return spec.to_dict()
