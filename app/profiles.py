@@ -18,7 +18,14 @@ from typing import Any
 from app.breaker import CircuitBreaker
 from app.budget import CallerMissCaps, UpstreamBudget
 from app.cache import Entry, ProfileCache
-from app.errors import ApiError, RetryableError, UpstreamMisconfigured, UpstreamUnavailable, UserNotFound
+from app.errors import (
+    ApiError,
+    RateLimited,
+    RetryableError,
+    UpstreamMisconfigured,
+    UpstreamUnavailable,
+    UserNotFound,
+)
 from app.observability import Metrics, RequestTrace
 from app.profile import ProfileQuery
 from app.settings import Settings
@@ -206,10 +213,17 @@ class ProfileService:
                 raise UpstreamUnavailable("another process is refreshing this profile")
             return self._await_other_process(query, deadline)
         try:
+            if caller is not None and self.caller_caps is not None:
+                self.caller_caps.spend(caller)
             max_wait = (
                 0.0 if background else min(self.settings.budget_max_wait_seconds, deadline - self._monotonic() - 0.1)
             )
             self.budget.acquire(max(0.0, max_wait))
+        except RateLimited:
+            self.metrics.turned_away.inc()
+            self.breaker.release()
+            self.cache.unlock(key, lock_token)
+            raise
         except BaseException:
             self.breaker.release()
             self.cache.unlock(key, lock_token)
