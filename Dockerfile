@@ -2,10 +2,11 @@
 # Build stage: turn the project and its dependencies into wheels.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY app ./app
 COPY simulator ./simulator
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The pinned dependency set CI audits, plus the project itself.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels --no-deps -r requirements.lock .
 
 # Runtime stage: only the installed wheels and the gunicorn settings, as a non-root user.
 FROM python:3.11-slim

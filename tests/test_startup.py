@@ -92,3 +92,11 @@ def test_served_by_gunicorn_without_version_banner(gunicorn_service, sim):
     )
     assert encoded.status_code == 200 and encoded.json()["user_id"] == "a/b&c"
     assert SIM_SECRET not in service.logs()
+
+
+def test_env_example_lists_every_setting():
+    from app.settings import SettingsSchema
+
+    text = (ROOT / ".env.example").read_text()
+    missing = [name for name in SettingsSchema().fields if f"{name}=" not in text]
+    assert missing == []
