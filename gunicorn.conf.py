@@ -58,18 +58,8 @@ accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
-    # The app adds its own JSON-lines handler on stdout (app.observability).
-    "root": {"level": os.environ.get("LOG_LEVEL", "INFO").upper(), "handlers": []},
-    "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": False},
-    },
-}
+# No logconfig_dict: with one, gunicorn would format an access-log entry for every
+# request even with accesslog off. The app writes its own JSON access log on stdout.
 
 
 def on_starting(server: object) -> None:

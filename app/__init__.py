@@ -28,7 +28,7 @@ def create_app(
 ) -> Flask:
     """Build the service from *settings*, else from *environ*, else from ``os.environ``."""
     settings = settings or load_settings(os.environ if environ is None else environ)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_user_ids)
     app = Flask(__name__, static_folder=None)
     # Every answer is JSON, so no automatic (empty-bodied) OPTIONS responses.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False

@@ -58,8 +58,11 @@ def route_template(rule: str) -> str:
 def _begin(endpoint: str | None, values: dict[str, Any] | None) -> None:
     """Start the trace and apply the network allowlist, before any other work."""
     extensions = current_app.extensions["profile_proxy"]
-    arrival = request.environ.get("profile_proxy.arrival") or time.monotonic()
-    g.trace = RequestTrace(request_id_from(request.headers.get("X-Request-ID")), arrival)
+    environ = request.environ
+    arrival = environ.get("profile_proxy.arrival") or time.monotonic()
+    trace = RequestTrace(request_id_from(environ.get("HTTP_X_REQUEST_ID")), arrival, extensions)
+    trace.raw_query = environ.get("QUERY_STRING", "")
+    g.trace = trace
     if extensions.allowlist and request.path not in UNGATED_PATHS:
         if not extensions.allowlist.allows(request.remote_addr):
             raise Forbidden()
@@ -67,20 +70,21 @@ def _begin(endpoint: str | None, values: dict[str, Any] | None) -> None:
 
 def _finish(response: Response) -> Response:
     trace: RequestTrace | None = g.get("trace")
-    response.headers["X-Content-Type-Options"] = "nosniff"
+    headers = response.headers
     if trace is None:
+        headers["X-Content-Type-Options"] = "nosniff"
         return response
-    response.headers["X-Request-ID"] = trace.request_id
-    extensions = current_app.extensions["profile_proxy"]
-    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    route = route_template(rule)
-    metrics = extensions.metrics
-    metrics.requests.labels(route, str(response.status_code), trace.caller or "-").inc()
-    metrics.latency.labels(route).observe(time.monotonic() - trace.started)
-    if extensions.settings.access_log:
-        identity = g.get("identity")
-        user = identity.value if identity is not None and extensions.settings.log_user_ids else None
-        log_request(trace, request.method, route, response.status_code, user)
+    headers["X-Request-ID"] = trace.request_id
+    extensions = trace.extensions
+    rule = request.url_rule
+    route = route_template(rule.rule if rule is not None else "unmatched")
+    status = response.status_code
+    extensions.metrics.count_request(route, status, trace.caller or "-", time.monotonic() - trace.started)
+    settings = extensions.settings
+    if settings.access_log:
+        identity = trace.identity
+        user = identity.value if identity is not None and settings.log_user_ids else None
+        log_request(trace, request.method, route, status, user)
     return response
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -11,6 +12,7 @@ WSGIApp = Any
 
 # Characters a path may carry unencoded; everything else is percent-encoded.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+_UNPRINTABLE = re.compile("[^\x21-\x7e]")
 
 
 class RawPathMiddleware:
@@ -36,7 +38,7 @@ class RawPathMiddleware:
                 path = path[len(script_name) :]
         else:
             path = quote(environ.get("PATH_INFO", "").encode("latin-1", "replace"), safe=_PATH_SAFE)
-        if any(ord(c) > 0x7E or ord(c) < 0x21 for c in path):
+        if _UNPRINTABLE.search(path):
             # Raw bytes outside printable ASCII: re-encode so routing sees one form.
             path = quote(path.encode("latin-1", "replace"), safe=_PATH_SAFE + "%")
         environ["PATH_INFO"] = path

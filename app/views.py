@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, g
 
 from app.errors import FALLBACK_ERRORS, ApiError, InvalidRequest, NoRecommendations, json_response
 from app.hooks import authenticate
-from app.observability import CIRCUIT_STATES
-from app.params import SCHEMAS, decode_segment, load_args, parse_query
-from app.profile import KINDS, Identity
+from app.observability import CIRCUIT_STATES, RequestTrace
+from app.params import MAX_QUERY_BYTES, decode_segment, parse_query, query_args
+from app.profile import KINDS, Identity, ProfileQuery
 from app.profiles import Lookup
 
 health = Blueprint("health", __name__)
@@ -73,28 +74,37 @@ def metrics() -> Response:
 
 @v1.url_value_preprocessor
 def _prepare(endpoint: str | None, values: dict[str, Any] | None) -> None:
-    """Authenticate, then decode and check every path value, before any other work."""
-    extensions = current_app.extensions["profile_proxy"]
-    g.deadline = g.trace.started + extensions.settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS
-    g.trace.caller = authenticate(extensions.caller_keys) if extensions.caller_keys else "open"
+    """Authenticate, then decode and check every path value and the query, before any other work."""
+    trace: RequestTrace = g.trace
+    extensions = trace.extensions
+    trace.deadline = trace.started + extensions.settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS
+    trace.caller = authenticate(extensions.caller_keys) if extensions.caller_keys else "open"
     values = values if values is not None else {}
     id_field = KINDS[values.pop("kind")]
-    g.identity = Identity(id_field, decode_segment(id_field, values.pop("id")))
+    trace.identity = Identity(id_field, decode_segment(id_field, values.pop("id")))
     for name, raw in values.items():
         values[name] = decode_segment(name, raw)
-    g.args = parse_query(request.environ.get("QUERY_STRING", ""))
+    if len(trace.raw_query) > MAX_QUERY_BYTES:
+        raise InvalidRequest("query", f"must be at most {MAX_QUERY_BYTES} bytes")
+    if endpoint not in _ROUTE_SCHEMAS:
+        parse_query(trace.raw_query)  # routes without arguments still reject a malformed query
 
 
-def _args(schema: str) -> dict[str, Any]:
-    return load_args(SCHEMAS[schema], g.args)
+# The query schema each route validates against (see app.params.SCHEMAS).
+_ROUTE_SCHEMAS = {
+    "v1.recommendation": "recommendation",
+    "v1.recommendations": "recommendations",
+    "v1.properties": "properties",
+    "v1.prediction": "prediction",
+}
 
 
-def _lookup(query: Any) -> Lookup:
-    return current_app.extensions["profile_proxy"].profiles.lookup(query, g.deadline, g.trace)
+def _args(trace: RequestTrace, schema: str) -> Mapping[str, Any]:
+    return query_args(schema, trace.raw_query)
 
 
-def _planner() -> Any:
-    return current_app.extensions["profile_proxy"].planner
+def _lookup(trace: RequestTrace, query: ProfileQuery) -> Lookup:
+    return trace.extensions.profiles.lookup(query, trace.deadline, trace)
 
 
 def _respond(body: dict[str, Any], lookup: Lookup | None) -> Response:
@@ -107,7 +117,6 @@ def _respond(body: dict[str, Any], lookup: Lookup | None) -> Response:
             "Age": str(int(lookup.age)),
             "Cache-Control": f"private, max-age={int(lookup.fresh_for)}",
         }
-    headers["X-Content-Type-Options"] = "nosniff"
     return json_response(body, headers=headers)
 
 
@@ -145,12 +154,14 @@ def _find_rec(profile: dict[str, Any], rec_id: str) -> dict[str, Any]:
     return recs[rec_id]
 
 
-def _recommendations(rec_ids: tuple[str, ...], args: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Lookup | None]:
+def _recommendations(
+    trace: RequestTrace, rec_ids: tuple[str, ...], args: Mapping[str, Any]
+) -> tuple[dict[str, dict[str, Any]], Lookup | None]:
     """Each requested recommendation, or its fallback when ``default`` was given."""
-    query = _planner().recommendations(g.identity, rec_ids, args.get("rec_type"))
+    query = trace.extensions.planner.recommendations(trace.identity, rec_ids, args.get("rec_type"))
     default, limit = args.get("default"), args.get("limit")
     try:
-        lookup = _lookup(query)
+        lookup = _lookup(trace, query)
     except FALLBACK_ERRORS as exc:
         if default is None:
             raise
@@ -168,62 +179,69 @@ def _recommendations(rec_ids: tuple[str, ...], args: dict[str, Any]) -> tuple[di
 
 @v1.get("/recommendations/<rec_id>")
 def recommendation(rec_id: str) -> Response:
-    args = _args("recommendation")
-    shaped, lookup = _recommendations((rec_id,), args)
-    return _respond({g.identity.id_field: g.identity.value, **shaped[rec_id]}, lookup)
+    trace: RequestTrace = g.trace
+    shaped, lookup = _recommendations(trace, (rec_id,), _args(trace, "recommendation"))
+    return _respond({trace.identity.id_field: trace.identity.value, **shaped[rec_id]}, lookup)
 
 
 @v1.get("/recommendations")
 def recommendations() -> Response:
-    args = _args("recommendations")
-    rec_ids = args.get("ids") or _planner().rec_ids
+    trace: RequestTrace = g.trace
+    args = _args(trace, "recommendations")
+    rec_ids = args.get("ids") or trace.extensions.planner.rec_ids
     if not rec_ids:
         raise InvalidRequest("ids", "is required when PROFILE_REC_IDS is not configured")
-    shaped, lookup = _recommendations(tuple(rec_ids), args)
+    shaped, lookup = _recommendations(trace, tuple(rec_ids), args)
     if lookup is not None and all(rec["fallback"] for rec in shaped.values()):
         lookup = None
-    return _respond({g.identity.id_field: g.identity.value, "recommendations": shaped}, lookup)
+    return _respond({trace.identity.id_field: trace.identity.value, "recommendations": shaped}, lookup)
 
 
 @v1.get("/properties")
 def properties() -> Response:
-    keys = _args("properties").get("keys")
-    lookup = _lookup(_planner().whole(g.identity))
+    trace: RequestTrace = g.trace
+    keys = _args(trace, "properties").get("keys")
+    lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
     props = lookup.profile["properties"]
     if keys is not None:
         props = {key: props.get(key) for key in keys}
-    return _respond({g.identity.id_field: g.identity.value, "properties": props}, lookup)
+    return _respond({trace.identity.id_field: trace.identity.value, "properties": props}, lookup)
 
 
 @v1.get("/properties/<name>")
 def property_value(name: str) -> Response:
-    lookup = _lookup(_planner().whole(g.identity))
+    trace: RequestTrace = g.trace
+    lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
     value = lookup.profile["properties"].get(name)
-    return _respond({g.identity.id_field: g.identity.value, "name": name, "value": value}, lookup)
+    return _respond({trace.identity.id_field: trace.identity.value, "name": name, "value": value}, lookup)
 
 
 @v1.get("/cohorts")
 def cohorts() -> Response:
-    lookup = _lookup(_planner().whole(g.identity))
+    trace: RequestTrace = g.trace
+    lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
     cohort_ids = lookup.profile["cohort_ids"]
-    return _respond({g.identity.id_field: g.identity.value, "cohort_ids": cohort_ids, "count": len(cohort_ids)}, lookup)
+    body = {trace.identity.id_field: trace.identity.value, "cohort_ids": cohort_ids, "count": len(cohort_ids)}
+    return _respond(body, lookup)
 
 
 @v1.get("/cohorts/<cohort_id>")
 def cohort_membership(cohort_id: str) -> Response:
-    lookup = _lookup(_planner().whole(g.identity))
+    trace: RequestTrace = g.trace
+    lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
     member = cohort_id in lookup.profile["cohort_ids"]
-    return _respond({g.identity.id_field: g.identity.value, "cohort_id": cohort_id, "member": member}, lookup)
+    return _respond({trace.identity.id_field: trace.identity.value, "cohort_id": cohort_id, "member": member}, lookup)
 
 
 @v1.get("/predictions/<prediction_id>")
 def prediction(prediction_id: str) -> Response:
-    planner = _planner()
-    propensity_type = _args("prediction").get("type") or planner.propensity_type
-    lookup = _lookup(planner.prediction(g.identity, prediction_id, propensity_type))
+    trace: RequestTrace = g.trace
+    planner = trace.extensions.planner
+    propensity_type = _args(trace, "prediction").get("type") or planner.propensity_type
+    lookup = _lookup(trace, planner.prediction(trace.identity, prediction_id, propensity_type))
     value = lookup.profile["predictions"].get(prediction_id)
     body = {
-        g.identity.id_field: g.identity.value,
+        trace.identity.id_field: trace.identity.value,
         "prediction_id": prediction_id,
         "type": propensity_type,
         "value": value,
@@ -233,11 +251,12 @@ def prediction(prediction_id: str) -> Response:
 
 @v1.get("")
 def profile() -> Response:
-    planner = _planner()
-    lookup = _lookup(planner.whole(g.identity))
+    trace: RequestTrace = g.trace
+    planner = trace.extensions.planner
+    lookup = _lookup(trace, planner.whole(trace.identity))
     data = lookup.profile
     recs = data["recommendations"] or {}
-    ids = {"user_id": data["user_id"], "device_id": data["device_id"], g.identity.id_field: g.identity.value}
+    ids = {"user_id": data["user_id"], "device_id": data["device_id"], trace.identity.id_field: trace.identity.value}
     body = {
         **ids,
         "properties": data["properties"],
