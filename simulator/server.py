@@ -50,6 +50,10 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     simulator: AmplitudeSimulator
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Faults cut connections on purpose; their broken pipes are not news.
+        pass
+
 
 class AmplitudeSimulator:
     """The User Profile API on loopback, deterministic per identity."""
