@@ -32,6 +32,9 @@ def create_app(
     app = Flask(__name__, static_folder=None)
     # Every answer is JSON, so no automatic (empty-bodied) OPTIONS responses.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # No redirects (Braze does not follow them, and they would answer in HTML): "//" in a
+    # path is an unknown route, not a request to be rewritten.
+    app.url_map.merge_slashes = False
     app.extensions["profile_proxy"] = ProxyExtensions.build(settings, clock=clock, monotonic=monotonic)
     register_error_handlers(app)
     register_request_hooks(app)

@@ -71,8 +71,8 @@ def _begin(endpoint: str | None, values: dict[str, Any] | None) -> None:
 def _finish(response: Response) -> Response:
     trace: RequestTrace | None = g.get("trace")
     headers = response.headers
+    headers["X-Content-Type-Options"] = "nosniff"
     if trace is None:
-        headers["X-Content-Type-Options"] = "nosniff"
         return response
     headers["X-Request-ID"] = trace.request_id
     extensions = trace.extensions

@@ -57,18 +57,28 @@ def parse_query(raw_query: str) -> dict[str, str]:
     if not raw_query:
         return args
     try:
-        pairs = parse_qsl(raw_query.encode("latin-1"), keep_blank_values=True, max_num_fields=64)
-    except (UnicodeEncodeError, ValueError):
+        if not raw_query.isascii():
+            # Raw (unescaped) bytes arrive as latin-1 text in WSGI: read them as UTF-8.
+            raw_query = raw_query.encode("latin-1").decode("utf-8")
+        pairs = parse_qsl(raw_query, keep_blank_values=True, max_num_fields=64, encoding="utf-8", errors="strict")
+    except UnicodeError:
+        raise InvalidRequest("query", "must be valid UTF-8") from None
+    except ValueError:
         raise InvalidRequest("query", "has too many parameters or is malformed") from None
-    for raw_name, raw_value in pairs:
-        try:
-            name, value = raw_name.decode("utf-8"), raw_value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequest("query", "must be valid UTF-8") from None
+    for name, value in pairs:
         if name in args:
             raise InvalidRequest(name, "must be given at most once")
         args[name] = value
     return args
+
+
+class Digits(fields.Integer):
+    """A whole number written as plain ASCII digits: no sign, spaces, underscores or controls."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 6:
+            raise ValidationError("must be a whole number written with digits only")
+        return int(value)
 
 
 class IdList(fields.Field):
@@ -96,7 +106,7 @@ class RecommendationArgs(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    limit = fields.Integer(strict=False, validate=Range(min=1, max=100))
+    limit = Digits(validate=Range(min=1, max=100))
     rec_type = fields.String(validate=OneOf(["model", "random"]))
     default = IdList()
 

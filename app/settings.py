@@ -212,7 +212,7 @@ class SettingsSchema(Schema):
                 "PROXY_API_KEYS",
             )
         url = data.get("AMPLITUDE_API_URL", "")
-        if url.startswith("http://") and not data.get("ALLOW_INSECURE_UPSTREAM"):
+        if url.lower().startswith("http://") and not data.get("ALLOW_INSECURE_UPSTREAM"):
             raise ValidationError(
                 "must be https (set ALLOW_INSECURE_UPSTREAM=true only for a local simulator)",
                 "AMPLITUDE_API_URL",
