@@ -1,15 +1,26 @@
 """Deterministic profile data per identity, shaped as Amplitude's User Profile API answers.
 
-Rules (the README's examples rely on them):
+Everything derives from sha256 of ``kind:identity[:part]`` (kind ``user`` or ``device``), so
+an id always gets the same profile, in every process. The rules (the README and the tests
+rely on them):
 
-- an id starting with ``unknown`` has never been seen (the unknown-user error);
-- an id starting with ``new-`` or ``inactive-`` is known but has no recommendations;
-- an id starting with ``control-`` is in the control group of every recommendation;
-- ``user-42`` is always in ``cohort_vip``;
-- recommendation ids :data:`DEFAULT_REC_IDS` exist; others are absent from answers;
-- any prediction id has a value; computations are :data:`COMPUTATIONS` (id to name).
-
-Everything else derives from sha256 of ``kind:identity``, so an id always gets the same profile.
+- an id starting with ``unknown`` (``unknown-1``) has never been seen: the unknown-user error,
+  for user ids and device ids alike;
+- an id starting with ``new-`` or ``inactive-`` is known, but its ``recommendations`` is null
+  even when asked for;
+- an id starting with ``control-`` (``control-1``) is in the control group (``is_control``)
+  of every recommendation, unless the request gives ``rec_type``;
+- every other id (``user-42``, ``device-abc``) is a known identity. About 10% of
+  (identity, rec id) pairs are in a control group; ``user-42`` is in none of the default ones;
+- ``user-42`` is always in ``cohort_vip`` (special-cased; its hash adds ``cohort_newsletter``);
+  other ids get each of :data:`COHORTS` with probability 0.3, so possibly none (``user-1``);
+- user properties: ``first_name``, ``plan``, ``city``, ``lifetime_value``, ``sessions_30d``;
+- computations are :data:`COMPUTATIONS` (id to name) and come back keyed by name;
+- the recommendation ids of :data:`DEFAULT_REC_IDS` exist; any other is absent from answers;
+  each has 50 items ``sku-NNNNN`` (another list for ``rec_type=random``, source ``random``);
+- every prediction id has a value: a score in [0, 1] (4 decimals) or a percentile 0..100;
+- a user's ``device_id`` (and a device's ``user_id``) is ``device-NNNNNNNN``
+  (``user-NNNNNNNN``), or null for about 20% (``user-5``, ``device-1``).
 """
 
 from __future__ import annotations
@@ -30,18 +41,28 @@ PLANS = ("free", "pro", "enterprise")
 CITIES = ("Berlin", "Lisbon", "Austin", "Toronto", "Osaka", "Nairobi", "Lyon", "Denver")
 CATEGORIES = ("shoes", "outdoor", "books", "kitchen", "music", "games")
 BASE_EPOCH = 1_764_000_000
+NO_RECOMMENDATIONS_PREFIXES = ("new-", "inactive-")
+CONTROL_PREFIX = "control-"
 
 
 def _rng(*parts: str) -> random.Random:
+    # surrogatepass: a caller in Python may hand over any str, lone surrogates included.
     digest = hashlib.sha256(":".join(parts).encode("utf-8", "surrogatepass")).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 def is_unknown(identity: str) -> bool:
+    """Whether the identity has never been seen (the unknown-user error)."""
     return identity.startswith("unknown")
 
 
+def has_recommendations(identity: str) -> bool:
+    """Whether a known identity gets recommendations at all."""
+    return not identity.startswith(NO_RECOMMENDATIONS_PREFIXES)
+
+
 def user_properties(kind: str, identity: str) -> dict[str, Any]:
+    """The identity's user properties (``get_amp_props``)."""
     rng = _rng(kind, identity, "props")
     return {
         "first_name": rng.choice(FIRST_NAMES),
@@ -53,6 +74,7 @@ def user_properties(kind: str, identity: str) -> dict[str, Any]:
 
 
 def computations(kind: str, identity: str, comp_ids: list[str] | None) -> dict[str, Any]:
+    """Computed properties by name: all of them, or those of *comp_ids* (unknown ids ignored)."""
     rng = _rng(kind, identity, "comp")
     values = {
         "computed_favorite_category": rng.choice(CATEGORIES),
@@ -64,20 +86,22 @@ def computations(kind: str, identity: str, comp_ids: list[str] | None) -> dict[s
 
 
 def cohort_ids(kind: str, identity: str) -> list[str]:
+    """The tracked cohorts the identity belongs to (possibly none)."""
     rng = _rng(kind, identity, "cohorts")
     chosen = [cohort for cohort in COHORTS if rng.random() < 0.3]
     if identity == "user-42" and "cohort_vip" not in chosen:
-        chosen.insert(0, "cohort_vip")
+        chosen.insert(0, "cohort_vip")  # the documentation's VIP example
     return chosen
 
 
 def recommendation(kind: str, identity: str, rec_id: str, rec_type: str | None) -> dict[str, Any]:
+    """One recommendation object for a known rec id."""
     rng = _rng(kind, identity, rec_id, rec_type or "model")
     items = [f"sku-{n:05d}" for n in rng.sample(range(100_000), 50)]
     if rec_type is not None:
         is_control = False  # rec_type overrides the experiment's control assignment
     else:
-        is_control = identity.startswith("control-") or _rng(kind, identity, rec_id, "control").random() < 0.1
+        is_control = identity.startswith(CONTROL_PREFIX) or _rng(kind, identity, rec_id, "control").random() < 0.1
     return {
         "rec_id": rec_id,
         "child_rec_id": f"{rec_id}-child",
@@ -89,6 +113,7 @@ def recommendation(kind: str, identity: str, rec_id: str, rec_type: str | None) 
 
 
 def propensity(kind: str, identity: str, prediction_id: str, propensity_type: str) -> float | int:
+    """A prediction's value: a score in [0, 1] or a percentile 0..100."""
     score = _rng(kind, identity, "pred", prediction_id).random()
     return round(score, 4) if propensity_type == "score" else int(score * 100)
 
@@ -113,6 +138,7 @@ def user_data(kind: str, identity: str, flags: dict[str, Any], rec_ids: frozense
         "cohort_ids": None,
     }
     if flags["get_amp_props"] or flags["get_computations"]:
+        # Amplitude merges computations into the user properties, keyed by name.
         props: dict[str, Any] = {}
         if flags["get_amp_props"]:
             props.update(user_properties(kind, identity))
@@ -121,7 +147,7 @@ def user_data(kind: str, identity: str, flags: dict[str, Any], rec_ids: frozense
         data["amp_props"] = props
     if flags["get_cohort_ids"]:
         data["cohort_ids"] = cohort_ids(kind, identity)
-    if flags["get_recs"] and not identity.startswith(("new-", "inactive-")):
+    if flags["get_recs"] and has_recommendations(identity):
         data["recommendations"] = [
             recommendation(kind, identity, rec_id, flags["rec_type"]) for rec_id in flags["rec_id"] if rec_id in rec_ids
         ]

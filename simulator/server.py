@@ -1,33 +1,41 @@
-"""An HTTP server imitating Amplitude's User Profile API, with a rate limit and faults."""
+"""The simulator object: its HTTP server, configuration, faults, rate limit and records."""
 
 from __future__ import annotations
 
-import json
 import socket
-import struct
+import sys
 import threading
 import time
+from array import array
 from collections import deque
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl
 
 from simulator import data
+from simulator.handler import _Handler
 
-UNKNOWN_USER = b'{"error":"User id and device id not seen before"}'
-RATE_LIMITED = (
-    b'{"error":"Number of requests per minute exceeds system limit. Contact Support if you need this limit raised"}'
-)
-FAULT_MODES = {
-    "none", "slow", "hang", "dribble", "status", "rate_limited", "reset", "html", "truncated", "wrong_shape",
-    "oversized", "unauthorized",
-}  # fmt: skip
+#: Each fault mode and the options it takes.
+FAULT_OPTIONS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "slow": frozenset({"seconds"}),
+    "hang": frozenset({"seconds"}),
+    "dribble": frozenset({"interval"}),
+    "status": frozenset({"status", "body", "retry_after"}),
+    "rate_limited": frozenset({"retry_after"}),
+    "reset": frozenset(),
+    "html": frozenset({"body"}),
+    "truncated": frozenset(),
+    "wrong_shape": frozenset({"body"}),
+    "oversized": frozenset({"size_bytes"}),
+    "unauthorized": frozenset(),
+}
+FAULT_MODES = frozenset(FAULT_OPTIONS)
 
 
-@dataclass
+@dataclass(slots=True)
 class RecordedRequest:
-    """One profile request as the simulator saw it (recorded on arrival; ``status`` 0 until answered)."""
+    """One profile request as received (``status`` 0 until answered, and for a cut connection)."""
 
     time: float
     path: str
@@ -39,24 +47,30 @@ class RecordedRequest:
 
 @dataclass
 class Fault:
+    """A fault mode, how many more requests it applies to (None: until cleared) and its options."""
+
     mode: str
-    remaining: int | None
-    options: dict[str, Any]
+    remaining: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+NO_FAULT = Fault("none")
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 1024
+    request_queue_size = 1024  # bursts of new connections from load tests
     allow_reuse_address = True
     simulator: AmplitudeSimulator
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # Faults cut connections on purpose; their broken pipes are not news.
-        pass
+        # Clients and faults cut connections on purpose; anything else is a bug worth showing.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class AmplitudeSimulator:
-    """The User Profile API on loopback, deterministic per identity."""
+    """Amplitude's User Profile API on loopback: deterministic per identity, with faults and a rate limit."""
 
     def __init__(
         self,
@@ -67,38 +81,62 @@ class AmplitudeSimulator:
         latency_ms: float = 0,
         unknown_user_status: int = 200,
         rec_ids: set[str] | frozenset[str] | None = None,
+        max_records: int | None = 100_000,
     ) -> None:
         self.secret_key = secret_key
         self.rate_limit_per_minute = rate_limit_per_minute
         self.latency_ms = latency_ms
         self.unknown_user_status = unknown_user_status
         self.rec_ids = frozenset(rec_ids) if rec_ids is not None else data.DEFAULT_REC_IDS
+        self._initial = (rate_limit_per_minute, latency_ms, unknown_user_status)
         self._lock = threading.Lock()
-        self._requests: list[RecordedRequest] = []
+        # Records are bounded for long benchmark runs; the counters and arrival times cover everything.
+        self._records: deque[RecordedRequest] = deque(maxlen=max_records)
+        self._arrivals = array("d")
+        self._by_status: dict[int, int] = {}
         self._accepted: deque[float] = deque()
-        self._fault = Fault("none", None, {})
+        self._fault = NO_FAULT
+        self._generation = 0
+        self._connections: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
         self._server = _Server((host, port), _Handler)
         self._server.simulator = self
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
+        """Base URL, e.g. ``http://127.0.0.1:8100``."""
+        host, port = self._server.socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def start(self) -> AmplitudeSimulator:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="amplitude-simulator", daemon=True)
-        self._thread.start()
+        """Serve in a background daemon thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._server.serve_forever, name="amplitude-simulator", daemon=True)
+            self._thread.start()
         return self
 
     def serve_forever(self) -> None:
+        """Serve in the calling thread until :meth:`stop` (from another thread)."""
+        self._thread = threading.current_thread()
         self._server.serve_forever()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving, end waiting faults and close open connections."""
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._server.shutdown()
         self._server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                # Wakes the handler thread blocked reading a kept-alive connection.
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> AmplitudeSimulator:
         return self.start()
@@ -110,24 +148,26 @@ class AmplitudeSimulator:
 
     @property
     def calls(self) -> int:
+        """Profile requests received, whatever their outcome."""
         with self._lock:
-            return len(self._requests)
+            return len(self._arrivals)
 
     @property
     def requests(self) -> list[RecordedRequest]:
+        """A copy of the recorded profile requests, oldest first (the latest ``max_records``)."""
         with self._lock:
-            return list(self._requests)
+            return list(self._records)
 
     def count_by_status(self) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for request in self.requests:
-            counts[request.status] = counts.get(request.status, 0) + 1
-        return counts
+        """Profile requests by the status answered (0: not answered yet, or cut without an answer)."""
+        with self._lock:
+            return dict(self._by_status)
 
     def max_in_window(self, seconds: float = 60.0) -> int:
-        """The most requests received within any window of *seconds*."""
-        times = sorted(request.time for request in self.requests)
-        best, start = 0, 0
+        """The most profile requests received within any window of *seconds*."""
+        with self._lock:
+            times = self._arrivals[:]
+        best = start = 0
         for end, moment in enumerate(times):
             while moment - times[start] >= seconds:
                 start += 1
@@ -135,27 +175,76 @@ class AmplitudeSimulator:
         return best
 
     def reset(self, reset_config: bool = False) -> None:
+        """Forget records, the rate-limit window and the fault; with *reset_config* also the settings."""
         with self._lock:
-            self._requests.clear()
+            self._records.clear()
+            self._arrivals = array("d")
+            self._by_status.clear()
             self._accepted.clear()
-            self._fault = Fault("none", None, {})
+            self._fault = NO_FAULT
+            self._generation += 1  # requests still in flight no longer count
         if reset_config:
-            self.latency_ms, self.rate_limit_per_minute, self.unknown_user_status = 0, 600, 200
+            # Back to what the constructor (or the command line) said.
+            self.rate_limit_per_minute, self.latency_ms, self.unknown_user_status = self._initial
 
     def set_fault(self, mode: str, count: int | None = None, **options: Any) -> None:
-        if mode not in FAULT_MODES:
-            raise ValueError(f"unknown fault mode {mode!r}")
+        """Apply *mode* to the next *count* profile requests (None: until ``set_fault("none")``)."""
+        if mode not in FAULT_OPTIONS:
+            raise ValueError(f"unknown fault mode {mode!r}; one of {sorted(FAULT_MODES)}")
+        unexpected = set(options) - FAULT_OPTIONS[mode]
+        if unexpected:
+            raise ValueError(f"fault {mode!r} takes no option {sorted(unexpected)}")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError("count must be a positive int or None")
         with self._lock:
-            self._fault = Fault(mode, count, options)
+            self._fault = NO_FAULT if mode == "none" else Fault(mode, count, dict(options))
+
+    @property
+    def fault(self) -> Fault:
+        """The fault in force (``remaining``: requests it still applies to)."""
+        with self._lock:
+            return Fault(self._fault.mode, self._fault.remaining, dict(self._fault.options))
+
+    def config(self) -> dict[str, Any]:
+        """The runtime settings, as ``/_sim/config`` reports them."""
+        fault = self.fault
+        return {
+            "latency_ms": self.latency_ms,
+            "rate_limit_per_minute": self.rate_limit_per_minute,
+            "unknown_user_status": self.unknown_user_status,
+            "fault": {"mode": fault.mode, "count": fault.remaining, **fault.options},
+        }
 
     def stats(self) -> dict[str, Any]:
+        """What ``GET /_sim/stats`` answers."""
         return {
             "calls": self.calls,
-            "by_status": {str(k): v for k, v in self.count_by_status().items()},
+            "by_status": {str(status): n for status, n in sorted(self.count_by_status().items())},
             "max_in_60s": self.max_in_window(60.0),
         }
 
     # -- used by the handler ---------------------------------------------------------------
+
+    def _record(
+        self, path: str, raw_query: str, params: list[tuple[str, str]], headers: dict[str, str]
+    ) -> tuple[RecordedRequest, int]:
+        with self._lock:
+            # The clock is read under the lock so that arrival times stay sorted.
+            record = RecordedRequest(time.monotonic(), path, raw_query, params, headers, 0)
+            self._records.append(record)
+            self._arrivals.append(record.time)
+            self._by_status[0] = self._by_status.get(0, 0) + 1
+            return record, self._generation
+
+    def _answered(self, record: RecordedRequest, generation: int, status: int) -> None:
+        # Called before the answer's first byte leaves, so a client never sees it before the counters do.
+        with self._lock:
+            if record.status == 0 and status != 0 and generation == self._generation:
+                self._by_status[0] -= 1
+                if not self._by_status[0]:
+                    del self._by_status[0]
+                self._by_status[status] = self._by_status.get(status, 0) + 1
+            record.status = status
 
     def _take_fault(self) -> Fault:
         with self._lock:
@@ -165,14 +254,15 @@ class AmplitudeSimulator:
             if fault.remaining is not None:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
-                    self._fault = Fault("none", None, {})
-            return Fault(fault.mode, None, dict(fault.options))
+                    self._fault = NO_FAULT
+            return fault
 
     def _admit(self) -> bool:
         """Count the request against the per-minute limit; False when over it."""
         limit = self.rate_limit_per_minute
         now = time.monotonic()
         with self._lock:
+            # A sliding window over the requests accepted (as Amplitude counts them), not the rejected.
             while self._accepted and now - self._accepted[0] >= 60.0:
                 self._accepted.popleft()
             if limit and len(self._accepted) >= limit:
@@ -180,186 +270,13 @@ class AmplitudeSimulator:
             self._accepted.append(now)
             return True
 
-    def _record(self, request: RecordedRequest) -> None:
+    def _wait(self, seconds: float) -> bool:
+        """Sleep up to *seconds*, cut short by :meth:`stop`; True when stopping."""
+        return self._stopping.wait(seconds) if seconds > 0 else self._stopping.is_set()
+
+    def _track(self, connection: socket.socket, open_: bool) -> None:
         with self._lock:
-            self._requests.append(request)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        pass
-
-    # -- routing -----------------------------------------------------------------------------
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path, _, raw_query = self.path.partition("?")
-        if path == "/_sim/stats":
-            self._send(200, json.dumps(self.server.simulator.stats()).encode())
-        elif path == "/v1/userprofile":
-            self._profile(path, raw_query)
-        else:
-            self._send(404, b"", content_type=None)
-
-    def do_POST(self) -> None:  # noqa: N802
-        sim = self.server.simulator
-        length = int(self.headers.get("Content-Length") or 0)
-        payload = json.loads(self.rfile.read(length) or b"{}") if length else {}
-        if self.path == "/_sim/reset":
-            sim.reset(reset_config=bool(payload.get("reset_config")))
-        elif self.path == "/_sim/config":
-            for name in ("latency_ms", "rate_limit_per_minute", "unknown_user_status"):
-                if name in payload:
-                    setattr(sim, name, payload[name])
-            if "fault" in payload:
-                fault = dict(payload["fault"])
-                sim.set_fault(fault.pop("mode"), fault.pop("count", None), **fault)
-        else:
-            self._send(404, b"", content_type=None)
-            return
-        self._send(200, json.dumps(sim.stats()).encode())
-
-    # -- the profile API ---------------------------------------------------------------------
-
-    def _profile(self, path: str, raw_query: str) -> None:
-        sim = self.server.simulator
-        params = parse_qsl(raw_query, keep_blank_values=True)
-        record = RecordedRequest(time.monotonic(), path, raw_query, params, dict(self.headers.items()), 0)
-        sim._record(record)
-        record.status = self._answer(sim, params)
-
-    def _answer(self, sim: AmplitudeSimulator, params: list[tuple[str, str]]) -> int:
-        """Write the answer and return its status (0 when the connection was cut)."""
-        authorization = self.headers.get("Authorization")
-        if not authorization:
-            return self._send(401, b"Missing Api-Key in Authorization header", content_type="text/plain")
-        if authorization != f"Api-Key {sim.secret_key}":
-            return self._send(401, b"Invalid Api-Key", content_type="text/plain")
-        if not sim._admit():
-            return self._send(429, RATE_LIMITED)
-        fault = sim._take_fault()
-        if fault.mode != "none":
-            handled = self._fault(fault, params)
-            if handled is not None:
-                return handled
-        if sim.latency_ms:
-            time.sleep(sim.latency_ms / 1000)
-        return self._userprofile(sim, params)
-
-    def _userprofile(self, sim: AmplitudeSimulator, params: list[tuple[str, str]]) -> int:
-        query = dict(params)
-        if "user_id" in query:
-            kind, identity = "user", query["user_id"]
-        elif "device_id" in query:
-            kind, identity = "device", query["device_id"]
-        else:
-            return self._send(400, b'{"error":"user_id or device_id is required"}')
-        flags = {
-            name: query.get(name) == "true"
-            for name in ("get_amp_props", "get_cohort_ids", "get_computations", "get_recs", "get_propensity")
-        }
-        flags["rec_id"] = [r for r in query.get("rec_id", "").split(",") if r]
-        flags["comp_id"] = [c for c in query["comp_id"].split(",") if c] if "comp_id" in query else None
-        flags["rec_type"] = query.get("rec_type")
-        flags["prediction_id"] = [p for p in query.get("prediction_id", "").split(",") if p]
-        flags["propensity_type"] = query.get("propensity_type", "score")
-        if flags["get_recs"] and not flags["rec_id"]:
-            return self._send(400, b'{"error":"rec_id is required with get_recs"}')
-        if flags["rec_type"] not in (None, "model", "random"):
-            return self._send(400, b'{"error":"rec_type must be model or random"}')
-        if flags["get_propensity"] and not flags["prediction_id"]:
-            return self._send(400, b'{"error":"prediction_id is required with get_propensity"}')
-        if flags["propensity_type"] not in ("score", "pct"):
-            return self._send(400, b'{"error":"propensity_type must be score or pct"}')
-        if data.is_unknown(identity):
-            return self._send(sim.unknown_user_status, UNKNOWN_USER)
-        body = {"userData": data.user_data(kind, identity, flags, sim.rec_ids)}
-        return self._send(200, json.dumps(body, separators=(",", ":")).encode())
-
-    # -- faults ------------------------------------------------------------------------------
-
-    def _fault(self, fault: Fault, params: list[tuple[str, str]]) -> int | None:
-        options, mode = fault.options, fault.mode
-        if mode == "slow":
-            time.sleep(float(options.get("seconds", 5)))
-            return None
-        if mode == "hang":
-            time.sleep(float(options.get("seconds", 30)))
-            self.close_connection = True
-            return 0
-        if mode == "status":
-            status = int(options.get("status", 500))
-            body = options.get("body", {"error": f"simulated HTTP {status}"})
-            return self._send(status, json.dumps(body).encode())
-        if mode == "rate_limited":
-            retry_after = options.get("retry_after")
-            headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-            return self._send(429, RATE_LIMITED, headers=headers)
-        if mode == "reset":
-            # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.close_connection = True
-            self.connection.close()
-            return 0
-        if mode == "html":
-            return self._send(200, b"<html><body><h1>Service maintenance</h1></body></html>", content_type="text/html")
-        if mode == "unauthorized":
-            return self._send(401, b"Invalid Api-Key", content_type="text/plain")
-        if mode == "wrong_shape":
-            return self._send(200, json.dumps(options.get("body", {"data": []})).encode())
-        body = self._normal_body(params)
-        if mode == "dribble":
-            self._send_headers(200, len(body))
-            interval = float(options.get("interval", 0.2))
-            try:
-                for byte in body:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(interval)
-            except OSError:
-                pass
-            self.close_connection = True
-            return 200
-        if mode == "truncated":
-            self._send_headers(200, len(body))
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return 200
-        if mode == "oversized":
-            size = int(options.get("size_bytes", 5_000_000))
-            padded = {"userData": {"recommendations": None, "user_id": "x", "device_id": None,
-                                   "amp_props": {"padding": "x" * size}, "cohort_ids": None}}  # fmt: skip
-            return self._send(200, json.dumps(padded).encode())
-        return None
-
-    def _normal_body(self, params: list[tuple[str, str]]) -> bytes:
-        query = dict(params)
-        identity = query.get("user_id") or query.get("device_id") or "someone"
-        flags = {"get_amp_props": True, "get_computations": True, "get_cohort_ids": True, "get_recs": False,
-                 "get_propensity": False, "comp_id": None, "rec_id": [], "rec_type": None,
-                 "prediction_id": [], "propensity_type": "score"}  # fmt: skip
-        return json.dumps({"userData": data.user_data("user", identity, flags, frozenset())}).encode()
-
-    # -- writing -----------------------------------------------------------------------------
-
-    def _send_headers(self, status: int, length: int, content_type: str | None = "application/json",
-                      headers: dict[str, str] | None = None) -> None:  # fmt: skip
-        self.send_response(status)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(length))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-
-    def _send(self, status: int, body: bytes, content_type: str | None = "application/json",
-              headers: dict[str, str] | None = None) -> int:  # fmt: skip
-        try:
-            self._send_headers(status, len(body), content_type, headers)
-            self.wfile.write(body)
-        except OSError:
-            self.close_connection = True
-        return status
+            if open_:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
