@@ -1,0 +1,1 @@
+"""One module per scenario; each has ``run(opts) -> dict`` returning plain data for the report."""
