@@ -79,12 +79,10 @@ def _finish(response: Response) -> Response:
     rule = request.url_rule
     route = route_template(rule.rule if rule is not None else "unmatched")
     status = response.status_code
-    extensions.metrics.count_request(route, status, trace.caller or "-", time.monotonic() - trace.started)
     settings = extensions.settings
-    if settings.access_log:
-        identity = trace.identity
-        user = identity.value if identity is not None and settings.log_user_ids else None
-        log_request(trace, request.method, route, status, user)
+    identity = trace.identity
+    user = identity.value if identity is not None and settings.log_user_ids else None
+    log_request(trace, request.method, route, status, user, extensions.metrics, settings.access_log)
     return response
 
 

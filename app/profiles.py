@@ -128,7 +128,7 @@ class ProfileService:
         return self._answer(fetched, MISS, self._clock(), trace)
 
     def _note(self, trace: RequestTrace | None, outcome: str) -> None:
-        self.metrics.cache.labels(outcome).inc()
+        # Counted with the request's other metrics, off the request thread (app.observability).
         if trace is not None:
             trace.cache = outcome
 

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, g
 
 from app.errors import FALLBACK_ERRORS, ApiError, InvalidRequest, NoRecommendations, json_response
 from app.hooks import authenticate
-from app.observability import CIRCUIT_STATES, RequestTrace
+from app.observability import ACCESS_LOG, CIRCUIT_STATES, RequestTrace
 from app.params import MAX_QUERY_BYTES, decode_segment, parse_query, query_args
 from app.profile import KINDS, Identity, ProfileQuery
 from app.profiles import Lookup
@@ -63,6 +63,7 @@ def metrics() -> Response:
     keys = extensions.admin_keys or extensions.caller_keys
     if keys:
         g.trace.caller = authenticate(keys, kind="admin" if extensions.admin_keys else "caller")
+    ACCESS_LOG.flush()  # counts queued by this process's requests so far
     metrics = extensions.metrics
     metrics.circuit.set(CIRCUIT_STATES[extensions.breaker.state])
     metrics.budget_tokens.set(extensions.budget.tokens_left())

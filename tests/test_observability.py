@@ -100,8 +100,12 @@ def test_metrics_add_up_across_gunicorn_workers(gunicorn_service, sim):
     for n in range(20):
         # New connections each time, so the kernel spreads them over both workers.
         requests.get(f"{service.url}/v1/users/user-w{n}/cohorts", headers=headers, timeout=5)
-    text = requests.get(service.url + "/metrics", headers=headers, timeout=5).text
-    assert 'proxy_requests_total{caller="braze",route="/v1/{kind}/{id}/cohorts",status="200"} 20.0' in text
+    expected = 'proxy_requests_total{caller="braze",route="/v1/{kind}/{id}/cohorts",status="200"} 20.0'
+    # Each worker counts its requests a moment after answering them (off the request thread).
+    deadline = time.monotonic() + 2
+    while expected not in (text := requests.get(service.url + "/metrics", headers=headers, timeout=5).text):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
 
 
 def test_readyz_reports_without_calling_amplitude(service, sim):
