@@ -17,6 +17,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields
 from marshmallow.validate import OneOf, Range
 
 from app.errors import InvalidRequest
+from app.settings import first_problem
 
 MAX_ID_BYTES = 1024
 MAX_QUERY_BYTES = 8192
@@ -152,9 +153,5 @@ def load_args(schema: Schema, args: Mapping[str, str]) -> dict[str, Any]:
     try:
         return schema.load(args)
     except ValidationError as exc:
-        messages = exc.normalized_messages()
-        name = sorted(messages)[0]
-        detail = messages[name]
-        if isinstance(detail, list):
-            detail = " ".join(str(d) for d in detail)
-        raise InvalidRequest(name, str(detail).rstrip(".").lower()) from None
+        name, detail = first_problem(exc)
+        raise InvalidRequest(name, detail.rstrip(".").lower()) from None

@@ -222,6 +222,16 @@ class SettingsSchema(Schema):
             raise ValidationError("must start with redis://, rediss:// or unix://", "REDIS_URL")
 
 
+def first_problem(exc: ValidationError) -> tuple[str, str]:
+    """The first field (in name order) a marshmallow error names, and what is wrong with it."""
+    messages = exc.normalized_messages()
+    name = sorted(messages)[0]
+    detail = messages[name]
+    if isinstance(detail, list):
+        detail = "; ".join(str(d) for d in detail)
+    return name, str(detail)
+
+
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Build :class:`Settings` from an environment mapping.
 
@@ -231,11 +241,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     try:
         loaded = SettingsSchema().load(relevant)
     except ValidationError as exc:
-        messages = exc.normalized_messages()
-        name = sorted(messages)[0]
-        detail = messages[name]
-        if isinstance(detail, list):
-            detail = "; ".join(str(d) for d in detail)
+        name, detail = first_problem(exc)
         raise SettingsError(f"{name}: {detail}") from None
     renamed = {"PROXY_API_KEYS": "caller_keys", "ADMIN_API_KEYS": "admin_keys"}
     return Settings(**{renamed.get(key, key.lower()): value for key, value in loaded.items()})
