@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import register_error_handlers
 from app.extensions import ProxyExtensions
-from app.hooks import register_request_hooks
-from app.middleware import RawPathMiddleware
+from app.http.gate import register_gate
+from app.http.middleware import RawPathMiddleware
 from app.observability import configure_logging
 from app.settings import Settings, load_settings
 
@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 def create_app(
     settings: Settings | None = None,
     environ: Mapping[str, str] | None = None,
-    clock: Callable[[], float] = time.time,
-    monotonic: Callable[[], float] = time.monotonic,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Flask:
     """Build the service from *settings*, else from *environ*, else from ``os.environ``."""
     settings = settings or load_settings(os.environ if environ is None else environ)
@@ -35,20 +34,21 @@ def create_app(
     # No redirects (Braze does not follow them, and they would answer in HTML): "//" in a
     # path is an unknown route, not a request to be rewritten.
     app.url_map.merge_slashes = False
-    app.extensions["profile_proxy"] = ProxyExtensions.build(settings, clock=clock, monotonic=monotonic)
+    app.extensions["profile_proxy"] = ProxyExtensions.build(settings, clock=clock)
     register_error_handlers(app)
-    register_request_hooks(app)
+    register_gate(app)
 
-    from app.views import health, v1
+    from app.http.ops import ops
+    from app.http.views import v1
 
-    app.register_blueprint(health)
+    app.register_blueprint(ops)
     app.register_blueprint(v1)
     wsgi = app.wsgi_app
     if settings.trusted_proxy_count:
         # Only the addresses the trusted proxies appended count: a client's own
         # X-Forwarded-For entries sit further left and are ignored.
         wsgi = ProxyFix(wsgi, x_for=settings.trusted_proxy_count, x_proto=settings.trusted_proxy_count)
-    app.wsgi_app = RawPathMiddleware(wsgi)  # type: ignore[method-assign]
+    app.wsgi_app = RawPathMiddleware(wsgi, clock)  # type: ignore[method-assign]
     if settings.demo_mode:
         log.warning("DEMO MODE: serving simulated Amplitude data from %s", settings.amplitude_api_url)
     return app

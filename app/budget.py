@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
-from collections.abc import Callable
 from typing import Any, NoReturn
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import RateLimited
-from app.redis_tier import RedisTier, RedisUnavailable
+from app.stores.redis import RedisTier, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,12 @@ class TokenBucket:
     to a window its predecessor already used.
     """
 
-    def __init__(
-        self, per_minute: float, clock: Callable[[], float] = time.monotonic, start_full: bool = False
-    ) -> None:
+    def __init__(self, per_minute: float, clock: Clock = SYSTEM_CLOCK, start_full: bool = False) -> None:
         self.capacity, self.rate = bucket_shape(per_minute)
-        self._clock = clock
+        self._clock = clock.monotonic
         self._lock = threading.Lock()
         self._tokens = self.capacity if start_full else 0.0
-        self._stamp = clock()
+        self._stamp = self._clock()
 
     def _refill(self, now: float) -> None:
         self._tokens = min(self.capacity, self._tokens + max(0.0, now - self._stamp) * self.rate)
@@ -108,8 +105,7 @@ class UpstreamBudget:
         per_minute: int,
         shares: int,
         redis_tier: RedisTier | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        clock: Clock = SYSTEM_CLOCK,
         name: str = "budget",
         start_full: bool = False,
     ) -> None:
@@ -119,8 +115,8 @@ class UpstreamBudget:
         self.local = TokenBucket(per_minute / shares, clock, start_full=start_full)
         self.shared_shape = bucket_shape(per_minute)
         self.redis = redis_tier
-        self._clock = clock
-        self._sleep = sleep
+        self._clock = clock.monotonic
+        self._sleep = clock.sleep
         self._backoff_until = 0.0
         self._script = redis_tier.script(_RESERVE_LUA) if redis_tier else None
         self.turned_away = 0
@@ -204,7 +200,7 @@ class CallerMissCaps:
         per_minute: int,
         shares: int,
         redis_tier: RedisTier | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.per_minute = per_minute
         self.shares = shares

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.auth import CallerKeys
-from app.breaker import CircuitBreaker
+from app.admission import Admission
 from app.budget import CallerMissCaps, UpstreamBudget
-from app.cache import ProfileCache
+from app.clock import SYSTEM_CLOCK, Clock
+from app.core.breaker import CircuitBreaker
+from app.core.freshness import Freshness
+from app.core.query import QueryPlanner
+from app.http.auth import CallerKeys
+from app.http.security import FailureBrake, NetworkAllowlist, parse_networks
+from app.lookup import ProfileLookup
 from app.observability import Metrics
-from app.profile import QueryPlanner
-from app.profiles import ProfileService
-from app.redis_tier import RedisTier
-from app.security import FailureBrake, NetworkAllowlist, parse_networks
 from app.settings import Settings
+from app.stores.profiles import ProfileStore
+from app.stores.redis import RedisTier
 from app.upstream import AmplitudeClient
 
 
@@ -25,53 +26,61 @@ class ProxyExtensions:
     """What ``app.extensions["profile_proxy"]`` holds."""
 
     settings: Settings
+    clock: Clock
     caller_keys: CallerKeys
     admin_keys: CallerKeys
     planner: QueryPlanner
     redis: RedisTier | None
     budget: UpstreamBudget
     breaker: CircuitBreaker
-    cache: ProfileCache
-    profiles: ProfileService
+    cache: ProfileStore
+    profiles: ProfileLookup
     metrics: Metrics
     allowlist: NetworkAllowlist
     failure_brake: FailureBrake
     openapi: dict[str, Any] | None = None
 
     @classmethod
-    def build(
-        cls,
-        settings: Settings,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> ProxyExtensions:
-        redis_tier = RedisTier(settings.redis_url, settings.redis_timeout_seconds) if settings.redis_url else None
-        budget = UpstreamBudget(
-            settings.upstream_rate_limit_per_minute, settings.upstream_budget_shares, redis_tier, clock=monotonic
+    def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> ProxyExtensions:
+        redis_tier = (
+            RedisTier(settings.redis_url, settings.redis_timeout_seconds, clock=clock) if settings.redis_url else None
         )
-        breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, clock=monotonic)
-        cache = ProfileCache(settings, redis_tier, clock=clock)
-        client = AmplitudeClient(settings)
+        budget = UpstreamBudget(
+            settings.upstream_rate_limit_per_minute, settings.upstream_budget_shares, redis_tier, clock=clock
+        )
+        breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, clock=clock)
+        # A claim outlives the longest call it covers, so it is never released by expiry mid-call.
+        claim_ttl = settings.request_deadline_seconds + settings.upstream_read_timeout
+        store = ProfileStore(
+            Freshness.from_settings(settings), settings.cache_max_entries, claim_ttl, redis_tier, clock
+        )
         metrics = Metrics()
         caller_caps = CallerMissCaps(
-            settings.caller_miss_limit, settings.upstream_budget_shares, redis_tier, clock=monotonic
+            settings.caller_miss_limit, settings.upstream_budget_shares, redis_tier, clock=clock
         )
-        profiles = ProfileService(
-            settings, client, cache, budget, breaker, metrics, caller_caps, clock=clock, monotonic=monotonic
+        admission = Admission(breaker, budget, caller_caps, metrics, clock, settings.budget_max_wait_seconds)
+        profiles = ProfileLookup(
+            store,
+            admission,
+            AmplitudeClient(settings),
+            clock,
+            call_seconds=settings.request_deadline_seconds,
+            concurrency=settings.upstream_concurrency,
         )
         return cls(
             settings=settings,
+            clock=clock,
             caller_keys=CallerKeys(settings.caller_keys),
             admin_keys=CallerKeys(settings.admin_keys),
             planner=QueryPlanner(settings),
             redis=redis_tier,
             budget=budget,
             breaker=breaker,
-            cache=cache,
+            cache=store,
             profiles=profiles,
             metrics=metrics,
             allowlist=NetworkAllowlist(parse_networks(settings.allowed_cidrs)),
-            failure_brake=FailureBrake(settings.auth_failure_limit_per_minute, clock=monotonic),
+            failure_brake=FailureBrake(settings.auth_failure_limit_per_minute, clock=clock),
         )
 
     def close(self) -> None:

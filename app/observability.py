@@ -51,7 +51,7 @@ class RequestTrace:
     caller: str | None = None
     cache: str | None = None
     upstream_ms: float = 0.0
-    deadline: float = 0.0
+    deadline: Any = None
     identity: Any = None
     raw_query: str = ""
 
@@ -274,11 +274,20 @@ ACCESS_LOG = AccessLog()
 
 
 def log_request(
-    trace: RequestTrace, method: str, route: str, status: int, user: str | None, metrics: Metrics, log: bool
+    trace: RequestTrace,
+    method: str,
+    route: str,
+    status: int,
+    user: str | None,
+    metrics: Metrics,
+    log: bool,
+    *,
+    at: float,
+    now: float,
 ) -> None:
-    """Queue one request's metrics and (when *log*) its access log line."""
+    """Queue one request's metrics and (when *log*) its access log line; *at* is wall time, *now* monotonic."""
     fields: dict[str, Any] = {
-        "at": time.time(),
+        "at": at,
         "event": "request",
         "request_id": trace.request_id,
         "method": method,
@@ -286,7 +295,7 @@ def log_request(
         "status": status,
         "cache": trace.cache,
         "upstream_ms": round(trace.upstream_ms, 2),
-        "total_ms": round((time.monotonic() - trace.started) * 1000, 2),
+        "total_ms": round((now - trace.started) * 1000, 2),
         "caller": trace.caller,
     }
     if user is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import orjson
@@ -12,8 +11,9 @@ import urllib3
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from requests.adapters import HTTPAdapter
 
+from app.clock import Deadline
+from app.core.query import ProfileQuery, profile_from_user_data
 from app.errors import RateLimited, UpstreamMisconfigured, UpstreamUnavailable, UserNotFound
-from app.profile import ProfileQuery, profile_from_user_data
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,6 @@ class AmplitudeClient:
         self.url = settings.upstream_profile_url
         self.timeouts = (settings.upstream_connect_timeout, settings.upstream_read_timeout)
         self.max_body = settings.upstream_max_body_bytes
-        self.budget_seconds = settings.request_deadline_seconds
         self.default_backoff = settings.upstream_429_backoff_seconds
         self.session = session or requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.upstream_concurrency, max_retries=0)
@@ -100,23 +99,24 @@ class AmplitudeClient:
     def close(self) -> None:
         self.session.close()
 
-    def fetch(self, query: ProfileQuery) -> dict[str, Any]:
-        """Return the kept profile for *query*.
+    def fetch(self, query: ProfileQuery, deadline: Deadline) -> dict[str, Any]:
+        """Return the kept profile for *query*, giving up at *deadline*.
 
         :raises UserNotFound: Amplitude has not seen the identity.
         :raises UpstreamMisconfigured: the key or URL is wrong (401, redirect).
         :raises UpstreamThrottled: Amplitude answered 429.
         :raises UpstreamUnavailable: timeout, connection error, 5xx or an undocumented body.
         """
-        status, headers, body = self._get(query)
+        status, headers, body = self._get(query, deadline)
         return self._interpret(query, status, headers, body)
 
-    def _get(self, query: ProfileQuery) -> tuple[int, Any, bytes]:
-        deadline = time.monotonic() + self.budget_seconds
+    def _get(self, query: ProfileQuery, deadline: Deadline) -> tuple[int, Any, bytes]:
+        connect, read = self.timeouts
+        timeouts = (max(0.001, deadline.capped(connect)), max(0.001, deadline.capped(read)))
         try:
             # Redirects are never followed: the key must not travel to another host.
             with self.session.get(
-                self.url, params=query.upstream_params(), timeout=self.timeouts, stream=True, allow_redirects=False
+                self.url, params=query.upstream_params(), timeout=timeouts, stream=True, allow_redirects=False
             ) as response:
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > self.max_body:
@@ -129,7 +129,7 @@ class AmplitudeClient:
                     size += len(chunk)
                     if size > self.max_body:
                         raise UpstreamUnavailable("Amplitude's answer is larger than the configured cap")
-                    if time.monotonic() > deadline:
+                    if deadline.expired():
                         raise UpstreamUnavailable("Amplitude's answer took too long to arrive")
                     chunks.append(chunk)
                 return response.status_code, response.headers, b"".join(chunks)

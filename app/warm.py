@@ -30,7 +30,7 @@ from tqdm import tqdm
 from urllib3.exceptions import NewConnectionError
 
 from app.errors import InvalidRequest
-from app.params import check_text
+from app.http.params import check_text
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT = (3.0, 15.0)  # the service answers within 1.5 s: this only catches a hung connection

@@ -46,9 +46,9 @@ def flags_for(params: list[tuple[str, str]]) -> dict[str, Any]:
     }
 
 
-def profile_builder(rec_ids: str, prediction_ids: str) -> Callable[[str], tuple[str, dict[str, Any], int]]:
-    """``user -> (cache key, kept profile, size of Amplitude's answer)``, with the service's code."""
-    from app.profile import Identity, QueryPlanner
+def profile_builder(rec_ids: str, prediction_ids: str) -> Callable[[str], tuple[Any, dict[str, Any], int]]:
+    """``user -> (query, kept profile, size of Amplitude's answer)``, with the service's code."""
+    from app.core.query import Identity, QueryPlanner
     from app.settings import Settings
     from app.upstream import AmplitudeClient
     from simulator import data
@@ -60,19 +60,26 @@ def profile_builder(rec_ids: str, prediction_ids: str) -> Callable[[str], tuple[
     )
     planner, client = QueryPlanner(settings), AmplitudeClient(settings)
 
-    def build(user: str) -> tuple[str, dict[str, Any], int]:
+    def build(user: str) -> tuple[Any, dict[str, Any], int]:
         query = planner.whole(Identity("user_id", user))
         flags = flags_for(query.upstream_params())
         answer = {"userData": data.user_data("user", user, flags, data.DEFAULT_REC_IDS)}
         body = json.dumps(answer, separators=(",", ":")).encode()
         # The client's own reading of an answer: JSON parse, schema check, shaping.
-        return query.cache_key, client._interpret(query, 200, {}, body), len(body)
+        return query, client._interpret(query, 200, {}, body), len(body)
 
     return build
 
 
-def trace_puts(cache: Any, profile_for: Callable[[str], tuple[str, dict[str, Any], int]], count: int) -> dict[str, Any]:
-    """What Python allocates and keeps per ``cache.put``, by source line (tracemalloc, *count* puts).
+def put(cache: Any, query: Any, profile: dict[str, Any]) -> None:
+    """Store *profile* the way a finished upstream call does (a local claim, then publish)."""
+    from app.stores.profiles import Claim
+
+    cache.publish(Claim(query, "bench", shared=False), profile)
+
+
+def trace_puts(cache: Any, profile_for: Callable[[str], tuple[Any, dict[str, Any], int]], count: int) -> dict[str, Any]:
+    """What Python allocates and keeps per cached profile, by source line (tracemalloc, *count* puts).
 
     Tells where the resident bytes of a cached profile go, e.g. an encoder's output buffer
     larger than the JSON it holds.
@@ -83,8 +90,8 @@ def trace_puts(cache: Any, profile_for: Callable[[str], tuple[str, dict[str, Any
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    for key, profile, _ in prepared:
-        cache.put(key, profile)
+    for query, profile, _ in prepared:
+        put(cache, query, profile)
     gc.collect()
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
@@ -123,18 +130,18 @@ def main(argv: list[str]) -> None:
 
     # Warm every code path once, then drop it, so first-use allocations are not counted.
     for n in range(200):
-        key, profile, _ = profile_for(f"warmup-{n}")
-    del key, profile
+        query, profile, _ = profile_for(f"warmup-{n}")
+    del query, profile
     gc.collect()
     baseline = rss_bytes()
     started = time.monotonic()
     json_bytes = upstream_bytes = 0
     for n in range(count):
-        key, profile, raw = profile_for(f"user-{n}")
+        query, profile, raw = profile_for(f"user-{n}")
         # The compact JSON of the profile as kept: what a cache entry should cost.
         json_bytes += len(orjson.dumps(profile))
         upstream_bytes += raw
-        cache.put(key, profile)
+        put(cache, query, profile)
     fill_seconds = time.monotonic() - started
     gc.collect()
     filled = rss_bytes()

@@ -20,6 +20,7 @@ import requests
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from app import create_app
+from app.clock import SYSTEM_CLOCK, Clock
 from app.settings import SettingsSchema
 from simulator import AmplitudeSimulator
 
@@ -97,7 +98,7 @@ def make_service(sim: AmplitudeSimulator) -> Iterator[Callable[..., RunningServi
     """Build and serve an app with settings overrides: ``make_service(CACHE_TTL_SECONDS=5)``."""
     running: list[RunningService] = []
 
-    def build(clock: Callable[[], float] = time.time, **overrides: Any) -> RunningService:
+    def build(clock: Clock = SYSTEM_CLOCK, **overrides: Any) -> RunningService:
         app = create_app(environ=base_env(sim, **overrides), clock=clock)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         server.daemon_threads = True  # type: ignore[attr-defined]
@@ -120,16 +121,28 @@ def service(make_service: Callable[..., RunningService]) -> RunningService:
 
 
 class FakeClock:
-    """Wall-clock time that tests move forward instead of sleeping."""
+    """Wall and monotonic time that tests move forward instead of sleeping.
+
+    ``sleep`` moves the clock instead of waiting, so code that waits on this clock
+    (a budget token, a poll) returns at once with time having passed.
+    """
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self.now = start
+        self._lock = threading.Lock()
 
-    def __call__(self) -> float:
+    def time(self) -> float:
         return self.now
 
+    def monotonic(self) -> float:
+        return self.now - 1_700_000_000.0
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
+
     def advance(self, seconds: float) -> None:
-        self.now += seconds
+        with self._lock:
+            self.now += seconds
 
 
 @pytest.fixture

@@ -174,6 +174,7 @@ def test_breaker_open_serves_stale_at_once(make_service, sim, clock):
 
 
 def test_budget_exhausted_answers_stale_then_fallback_then_503(make_service, sim, clock):
+    # 30 a minute: a bucket of one token refilling every ~2 s of the fake clock.
     service = make_service(
         clock=clock,
         CACHE_TTL_SECONDS=60,
@@ -181,15 +182,15 @@ def test_budget_exhausted_answers_stale_then_fallback_then_503(make_service, sim
         UPSTREAM_RATE_LIMIT_PER_MINUTE=30,
         BUDGET_MAX_WAIT_SECONDS=0.25,
     )
-    time.sleep(2.2)  # one token (30/min refills a token about every 2 s)
+    clock.advance(2.2)
     assert service.get("/v1/users/user-k1/cohorts").status_code == 200
-    clock.advance(600)
-    stale, elapsed = timed_get(service, "/v1/users/user-k1/cohorts")
+    clock.advance(600)  # user-k1 is past its TTL; the bucket holds its one token again
+    assert service.get("/v1/users/user-k0/cohorts").headers["X-Cache"] == "MISS"  # spends it
+    stale = service.get("/v1/users/user-k1/cohorts")
     assert stale.status_code == 200 and stale.headers["X-Cache"] == "STALE"
     fallback = service.get("/v1/users/user-k2/recommendations/rec_home?default=x")
     assert fallback.status_code == 200 and fallback.json()["reason"] == "rate_limited"
-    refused, elapsed = timed_get(service, "/v1/users/user-k3/cohorts")
+    refused = service.get("/v1/users/user-k3/cohorts")
     assert refused.status_code == 503 and refused.json()["error"] == "rate_limited"
     assert 1 <= int(refused.headers["Retry-After"]) <= 3
-    assert elapsed < 0.5
-    assert sim.calls == 1
+    assert sim.calls == 2

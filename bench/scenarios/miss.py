@@ -41,7 +41,7 @@ from bench.scenarios.hit import ROUTES
 
 @functools.cache
 def _planner() -> Any:
-    from app.profile import QueryPlanner
+    from app.core.query import QueryPlanner
     from app.settings import Settings
 
     settings = Settings(
@@ -54,7 +54,7 @@ def _planner() -> Any:
 
 def upstream_path(user: str) -> str:
     """The Amplitude request the service makes for *user*'s whole profile (its own planner)."""
-    from app.profile import Identity
+    from app.core.query import Identity
 
     query = _planner().whole(Identity("user_id", user))
     return "/v1/userprofile?" + urlencode(query.upstream_params())

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
+
+from app.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,7 @@ class RedisTier:
     service returns to Redis without a restart.
     """
 
-    def __init__(
-        self, url: str, timeout: float, prefix: str = "ampproxy", clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, url: str, timeout: float, prefix: str = "ampproxy", clock: Clock = SYSTEM_CLOCK) -> None:
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -42,7 +41,7 @@ class RedisTier:
             max_connections=256,
         )
         self.prefix = prefix
-        self._clock = clock
+        self._now = clock.monotonic
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._healthy = True
@@ -57,7 +56,7 @@ class RedisTier:
 
     def available(self) -> bool:
         """True unless a recent failure says to leave Redis alone for now."""
-        return self._healthy or self._clock() >= self._down_until
+        return self._healthy or self._now() >= self._down_until
 
     def run(self, operation: Callable[[redis.Redis], T]) -> T:
         """Run *operation* against the client.
@@ -95,7 +94,7 @@ class RedisTier:
 
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:
-            self._down_until = self._clock() + RETRY_AFTER_FAILURE_SECONDS
+            self._down_until = self._now() + RETRY_AFTER_FAILURE_SECONDS
             self.last_error = type(exc).__name__
             if self._healthy:
                 self._healthy = False

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-import time
-from collections.abc import Callable
 
 from cachetools import TTLCache
+
+from app.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ class FailureBrake:
     per-failure log line, which keeps a guessing loop cheap for us and noisy in metrics.
     """
 
-    def __init__(self, limit: int, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: int, window: float = 60.0, clock: Clock = SYSTEM_CLOCK) -> None:
         self.limit = limit
         self.window = window
-        self._failures: TTLCache[str, int] = TTLCache(maxsize=10_000, ttl=window, timer=clock)
+        self._failures: TTLCache[str, int] = TTLCache(maxsize=10_000, ttl=window, timer=clock.monotonic)
         self._lock = threading.Lock()
 
     def blocked(self, address: str) -> bool:

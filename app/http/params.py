@@ -6,10 +6,8 @@ Everything here runs before any cache lookup or upstream call; a bad value becom
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -128,24 +126,6 @@ class PredictionArgs(Schema):
         unknown = EXCLUDE
 
     type = fields.String(validate=OneOf(["score", "pct"]))
-
-
-SCHEMAS = {
-    "recommendation": RecommendationArgs(),
-    "recommendations": RecommendationListArgs(),
-    "properties": PropertiesArgs(),
-    "prediction": PredictionArgs(),
-}
-
-
-@functools.lru_cache(maxsize=4096)
-def query_args(schema_name: str, raw_query: str) -> Mapping[str, Any]:
-    """Parse and validate a raw query string for one route's schema (read-only result).
-
-    Braze sends the same few query strings (one per template) over and over, so parsing
-    is remembered; failures are not (they raise).
-    """
-    return MappingProxyType(load_args(SCHEMAS[schema_name], parse_query(raw_query)))
 
 
 def load_args(schema: Schema, args: Mapping[str, str]) -> dict[str, Any]:

@@ -69,6 +69,11 @@ class ProfileQuery:
         shape = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
         return f"{self.identity.cache_token}:{shape}"
 
+    @property
+    def negative_key(self) -> str:
+        """Where "Amplitude has not seen this identity" is kept: one per identity, whatever the shape."""
+        return f"{self.identity.cache_token}:unknown"
+
 
 class QueryPlanner:
     """Decide which Amplitude request answers a route, so one user costs one call.

@@ -1,107 +1,27 @@
-"""The HTTP routes: parse arguments, look the profile up, shape flat JSON for Liquid."""
+"""The data routes: parse arguments, look the profile up, shape flat JSON for Liquid.
+
+Each view reads top to bottom: the gate has already checked the caller and decoded the
+path, :func:`app.http.routes.route` has validated the query, so a view plans the
+Amplitude query, looks it up (cache, budget and upstream behind one call) and shapes
+the answer. Its one success status is 200; everything else is a raised typed error.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g
+from flask import Blueprint, Response
 
+from app.core.query import ProfileQuery
 from app.errors import FALLBACK_ERRORS, ApiError, InvalidRequest, NoRecommendations, json_response
-from app.hooks import authenticate
-from app.observability import ACCESS_LOG, CIRCUIT_STATES, RequestTrace
-from app.params import MAX_QUERY_BYTES, decode_segment, parse_query, query_args
-from app.profile import KINDS, Identity, ProfileQuery
-from app.profiles import Lookup
+from app.http import schemas
+from app.http.params import PredictionArgs, PropertiesArgs, RecommendationArgs, RecommendationListArgs
+from app.http.routes import route
+from app.lookup import Lookup
+from app.observability import RequestTrace
 
-health = Blueprint("health", __name__)
 v1 = Blueprint("v1", __name__, url_prefix="/v1/<any(users, devices):kind>/<id>")
-
-# Room left after the lookup for shaping and writing the response.
-RESPONSE_MARGIN_SECONDS = 0.05
-
-
-@health.get("/healthz")
-def healthz() -> Response:
-    return json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
-
-
-@health.get("/readyz")
-def readyz() -> Response:
-    """Ready to serve: settings loaded, Redis reachable when configured; no Amplitude call."""
-    extensions = current_app.extensions["profile_proxy"]
-    checks: dict[str, Any] = {"settings": "ok", "circuit": extensions.breaker.state}
-    status = "ok"
-    if extensions.redis is None:
-        checks["redis"] = "not_configured"
-    elif extensions.redis.ping():
-        checks["redis"] = "ok"
-    else:
-        # Still serving from the local cache and budget share: degraded, not down.
-        checks["redis"] = "unavailable"
-        status = "degraded"
-    if checks["circuit"] != "closed":
-        status = "degraded"
-    return json_response({"status": status, "checks": checks}, headers={"Cache-Control": "no-store"})
-
-
-@health.get("/openapi.json")
-def openapi() -> Response:
-    """The OpenAPI 3 description of this service, built once from its routes and schemas."""
-    extensions = current_app.extensions["profile_proxy"]
-    if extensions.openapi is None:
-        from app.openapi import build_spec
-
-        extensions.openapi = build_spec(current_app)
-    return json_response(extensions.openapi, headers={"Cache-Control": "public, max-age=3600"})
-
-
-@health.get("/metrics")
-def metrics() -> Response:
-    """Prometheus metrics; needs an admin key when ADMIN_API_KEYS is set, else a caller key."""
-    extensions = current_app.extensions["profile_proxy"]
-    keys = extensions.admin_keys or extensions.caller_keys
-    if keys:
-        g.trace.caller = authenticate(keys, kind="admin" if extensions.admin_keys else "caller")
-    ACCESS_LOG.flush()  # counts queued by this process's requests so far
-    metrics = extensions.metrics
-    metrics.circuit.set(CIRCUIT_STATES[extensions.breaker.state])
-    metrics.budget_tokens.set(extensions.budget.tokens_left())
-    redis = extensions.redis
-    metrics.redis_up.set(-1 if redis is None else int(redis.healthy))
-    body, content_type = metrics.render()
-    return Response(body, mimetype=None, content_type=content_type, headers={"Cache-Control": "no-store"})
-
-
-@v1.url_value_preprocessor
-def _prepare(endpoint: str | None, values: dict[str, Any] | None) -> None:
-    """Authenticate, then decode and check every path value and the query, before any other work."""
-    trace: RequestTrace = g.trace
-    extensions = trace.extensions
-    trace.deadline = trace.started + extensions.settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS
-    trace.caller = authenticate(extensions.caller_keys) if extensions.caller_keys else "open"
-    values = values if values is not None else {}
-    id_field = KINDS[values.pop("kind")]
-    trace.identity = Identity(id_field, decode_segment(id_field, values.pop("id")))
-    for name, raw in values.items():
-        values[name] = decode_segment(name, raw)
-    if len(trace.raw_query) > MAX_QUERY_BYTES:
-        raise InvalidRequest("query", f"must be at most {MAX_QUERY_BYTES} bytes")
-    if endpoint not in _ROUTE_SCHEMAS:
-        parse_query(trace.raw_query)  # routes without arguments still reject a malformed query
-
-
-# The query schema each route validates against (see app.params.SCHEMAS).
-_ROUTE_SCHEMAS = {
-    "v1.recommendation": "recommendation",
-    "v1.recommendations": "recommendations",
-    "v1.properties": "properties",
-    "v1.prediction": "prediction",
-}
-
-
-def _args(trace: RequestTrace, schema: str) -> Mapping[str, Any]:
-    return query_args(schema, trace.raw_query)
 
 
 def _lookup(trace: RequestTrace, query: ProfileQuery) -> Lookup:
@@ -178,17 +98,22 @@ def _recommendations(
     return shaped, lookup
 
 
-@v1.get("/recommendations/<rec_id>")
-def recommendation(rec_id: str) -> Response:
-    trace: RequestTrace = g.trace
-    shaped, lookup = _recommendations(trace, (rec_id,), _args(trace, "recommendation"))
+@route(
+    v1, "/recommendations/<rec_id>", summary="One recommendation", args=RecommendationArgs,
+    response=schemas.RecommendationResponse,
+    description="Items of one Amplitude recommendation. With `default`, failures become a 200 with `fallback: true`.",
+)  # fmt: skip
+def recommendation(trace: RequestTrace, args: Mapping[str, Any], rec_id: str) -> Response:
+    shaped, lookup = _recommendations(trace, (rec_id,), args)
     return _respond({trace.identity.id_field: trace.identity.value, **shaped[rec_id]}, lookup)
 
 
-@v1.get("/recommendations")
-def recommendations() -> Response:
-    trace: RequestTrace = g.trace
-    args = _args(trace, "recommendations")
+@route(
+    v1, "/recommendations", summary="Several recommendations", args=RecommendationListArgs,
+    response=schemas.RecommendationListResponse,
+    description="Several recommendations at once (`ids`, else the configured PROFILE_REC_IDS).",
+)  # fmt: skip
+def recommendations(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     rec_ids = args.get("ids") or trace.extensions.planner.rec_ids
     if not rec_ids:
         raise InvalidRequest("ids", "is required when PROFILE_REC_IDS is not configured")
@@ -198,10 +123,12 @@ def recommendations() -> Response:
     return _respond({trace.identity.id_field: trace.identity.value, "recommendations": shaped}, lookup)
 
 
-@v1.get("/properties")
-def properties() -> Response:
-    trace: RequestTrace = g.trace
-    keys = _args(trace, "properties").get("keys")
+@route(
+    v1, "/properties", summary="User properties", args=PropertiesArgs, response=schemas.PropertiesResponse,
+    description="User and computed properties; with `keys`, exactly those keys (missing ones as null).",
+)  # fmt: skip
+def properties(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
+    keys = args.get("keys")
     lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
     props = lookup.profile["properties"]
     if keys is not None:
@@ -209,36 +136,38 @@ def properties() -> Response:
     return _respond({trace.identity.id_field: trace.identity.value, "properties": props}, lookup)
 
 
-@v1.get("/properties/<name>")
-def property_value(name: str) -> Response:
-    trace: RequestTrace = g.trace
+@route(v1, "/properties/<name>", summary="One property", response=schemas.PropertyResponse)
+def property_value(trace: RequestTrace, args: Mapping[str, Any], name: str) -> Response:
+    """`value` is null when the user lacks it."""
     lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
     value = lookup.profile["properties"].get(name)
     return _respond({trace.identity.id_field: trace.identity.value, "name": name, "value": value}, lookup)
 
 
-@v1.get("/cohorts")
-def cohorts() -> Response:
-    trace: RequestTrace = g.trace
+@route(v1, "/cohorts", summary="Cohorts", response=schemas.CohortsResponse)
+def cohorts(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
+    """Ids of the tracked cohorts the user is in."""
     lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
     cohort_ids = lookup.profile["cohort_ids"]
     body = {trace.identity.id_field: trace.identity.value, "cohort_ids": cohort_ids, "count": len(cohort_ids)}
     return _respond(body, lookup)
 
 
-@v1.get("/cohorts/<cohort_id>")
-def cohort_membership(cohort_id: str) -> Response:
-    trace: RequestTrace = g.trace
+@route(v1, "/cohorts/<cohort_id>", summary="Cohort membership", response=schemas.CohortMembershipResponse)
+def cohort_membership(trace: RequestTrace, args: Mapping[str, Any], cohort_id: str) -> Response:
+    """Whether the user is in it."""
     lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
     member = cohort_id in lookup.profile["cohort_ids"]
     return _respond({trace.identity.id_field: trace.identity.value, "cohort_id": cohort_id, "member": member}, lookup)
 
 
-@v1.get("/predictions/<prediction_id>")
-def prediction(prediction_id: str) -> Response:
-    trace: RequestTrace = g.trace
+@route(
+    v1, "/predictions/<prediction_id>", summary="Prediction", args=PredictionArgs, response=schemas.PredictionResponse
+)
+def prediction(trace: RequestTrace, args: Mapping[str, Any], prediction_id: str) -> Response:
+    """A prediction's score or percentile."""
     planner = trace.extensions.planner
-    propensity_type = _args(trace, "prediction").get("type") or planner.propensity_type
+    propensity_type = args.get("type") or planner.propensity_type
     lookup = _lookup(trace, planner.prediction(trace.identity, prediction_id, propensity_type))
     value = lookup.profile["predictions"].get(prediction_id)
     body = {
@@ -250,9 +179,9 @@ def prediction(prediction_id: str) -> Response:
     return _respond(body, lookup)
 
 
-@v1.get("")
-def profile() -> Response:
-    trace: RequestTrace = g.trace
+@route(v1, "", summary="Whole profile", response=schemas.ProfileResponse)
+def profile(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
+    """Everything kept for the user, in one object."""
     planner = trace.extensions.planner
     lookup = _lookup(trace, planner.whole(trace.identity))
     data = lookup.profile

@@ -8,10 +8,10 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
-from marshmallow import Schema
 
-from app import schemas
-from app.params import SCHEMAS, IdList
+from app.http import schemas
+from app.http.params import IdList
+from app.http.routes import ROUTES
 
 SECURITY_SCHEMES = {
     "basicAuth": {"type": "http", "scheme": "basic", "description": "Any user name; the caller key as password."},
@@ -29,29 +29,6 @@ _DATA_ERRORS = {
     502: "Amplitude rejected the service's key (`upstream_misconfigured`).",
     503: "`upstream_unavailable` or `rate_limited`; retry after `Retry-After` seconds.",
 }
-
-#: endpoint -> (summary, query schema name or None, response schema, description)
-ROUTES: dict[str, tuple[str, str | None, type[Schema], str]] = {
-    "v1.recommendation": (
-        "One recommendation", "recommendation", schemas.RecommendationResponse,
-        "Items of one Amplitude recommendation. With `default`, failures become a 200 with `fallback: true`.",
-    ),
-    "v1.recommendations": (
-        "Several recommendations", "recommendations", schemas.RecommendationListResponse,
-        "Several recommendations at once (`ids`, else the configured PROFILE_REC_IDS).",
-    ),
-    "v1.properties": (
-        "User properties", "properties", schemas.PropertiesResponse,
-        "User and computed properties; with `keys`, exactly those keys (missing ones as null).",
-    ),
-    "v1.property_value": ("One property", None, schemas.PropertyResponse, "`value` is null when the user lacks it."),
-    "v1.cohorts": ("Cohorts", None, schemas.CohortsResponse, "Ids of the tracked cohorts the user is in."),
-    "v1.cohort_membership": ("Cohort membership", None, schemas.CohortMembershipResponse, "Whether the user is in it."),
-    "v1.prediction": ("Prediction", "prediction", schemas.PredictionResponse, "A prediction's score or percentile."),
-    "v1.profile": ("Whole profile", None, schemas.ProfileResponse, "Everything kept for the user, in one object."),
-    "health.healthz": ("Liveness", None, schemas.HealthResponse, "The process is alive; no credentials."),
-    "health.readyz": ("Readiness", None, schemas.ReadyResponse, "Settings, Redis, circuit; no Amplitude call."),
-}  # fmt: skip
 
 _PATH_PARAMS = {
     "kind": {"schema": {"type": "string", "enum": ["users", "devices"]}, "description": "users or devices"},
@@ -79,20 +56,20 @@ def build_spec(app: Flask) -> dict[str, Any]:
         spec.components.security_scheme(name, scheme)
     spec.components.schema("Error", schema=schemas.ErrorResponse)
     for rule in app.url_map.iter_rules():
-        if rule.endpoint not in ROUTES:
+        route = ROUTES.get(rule.endpoint)
+        if route is None or not route.documented:
             continue
-        summary, query, response, description = ROUTES[rule.endpoint]
         path, names = _openapi_path(rule.rule)
         parameters: list[dict[str, Any]] = [
             {"in": "path", "name": n, "required": True, **_PATH_PARAMS.get(n, {"schema": {"type": "string"}})}
             for n in names
         ]
-        if query:
-            parameters.append({"in": "query", "schema": type(SCHEMAS[query])})
+        if route.args is not None:
+            parameters.append({"in": "query", "schema": type(route.args)})
         responses: dict[int | str, Any] = {
-            200: {"description": "OK", "content": {"application/json": {"schema": response}}}
+            200: {"description": "OK", "content": {"application/json": {"schema": route.response}}}
         }
-        is_data = rule.endpoint.startswith("v1.")
+        is_data = route.serves_data
         if is_data:
             for status, text in _DATA_ERRORS.items():
                 entry: dict[str, Any] = {"description": text, "content": {"application/json": {"schema": "Error"}}}
@@ -100,8 +77,8 @@ def build_spec(app: Flask) -> dict[str, Any]:
                     entry["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
                 responses[status] = entry
         operation: dict[str, Any] = {
-            "summary": summary,
-            "description": description,
+            "summary": route.summary,
+            "description": route.description,
             "operationId": rule.endpoint.replace(".", "_"),
             "parameters": parameters,
             "responses": responses,

@@ -1,23 +1,37 @@
-"""What happens around every request: the network gate, caller keys, logs, metrics, headers."""
+"""The gate every request passes first, and the bookkeeping when it leaves.
+
+One step, in this order, before any other work: start the request's trace and its
+deadline, apply the network allowlist, check the credentials the route declares
+(braking repeated failures per address), and decode every path value.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import re
-import time
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 
-from app.auth import CallerKeys, presented_key
-from app.errors import Forbidden, RetryableError, Unauthorized
+from app.clock import Deadline
+from app.core.query import KINDS, Identity
+from app.errors import Forbidden, InvalidRequest, RetryableError, Unauthorized
+from app.http.auth import CallerKeys, presented_key
+from app.http.params import MAX_QUERY_BYTES, decode_segment
+from app.http.routes import ROUTES
 from app.observability import RequestTrace, log_request, request_id_from
 
 log = logging.getLogger(__name__)
 
 #: Probes come from load balancers and orchestrators, inside the network.
 UNGATED_PATHS = frozenset({"/healthz", "/readyz"})
+
+#: Room left after the lookup for shaping and writing the response.
+RESPONSE_MARGIN_SECONDS = 0.05
+
+#: Where the WSGI middleware leaves the arrival time (the app clock's monotonic reading).
+ARRIVAL_KEY = "profile_proxy.arrival"
 
 
 class TooManyAuthFailures(RetryableError):
@@ -55,20 +69,48 @@ def route_template(rule: str) -> str:
     return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
 
 
-def _begin(endpoint: str | None, values: dict[str, Any] | None) -> None:
-    """Start the trace and apply the network allowlist, before any other work."""
+def admit(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """The gate: trace and deadline, allowlist, credentials, path values."""
     extensions = current_app.extensions["profile_proxy"]
+    settings = extensions.settings
+    clock = extensions.clock
     environ = request.environ
-    arrival = environ.get("profile_proxy.arrival") or time.monotonic()
+    arrival = environ.get(ARRIVAL_KEY)
+    if arrival is None:
+        arrival = clock.monotonic()
     trace = RequestTrace(request_id_from(environ.get("HTTP_X_REQUEST_ID")), arrival, extensions)
     trace.raw_query = environ.get("QUERY_STRING", "")
+    trace.deadline = Deadline.after(clock, settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS, arrival)
     g.trace = trace
     if extensions.allowlist and request.path not in UNGATED_PATHS:
         if not extensions.allowlist.allows(request.remote_addr):
             raise Forbidden()
+    spec = ROUTES.get(endpoint or "")
+    if spec is None or spec.auth is None:
+        return
+    if spec.auth == "admin" and extensions.admin_keys:
+        trace.caller = authenticate(extensions.admin_keys, kind="admin")
+    elif extensions.caller_keys:
+        trace.caller = authenticate(extensions.caller_keys)
+    else:
+        trace.caller = "open"
+    if values:
+        _decode_path_values(trace, values)
+    if len(trace.raw_query) > MAX_QUERY_BYTES:
+        raise InvalidRequest("query", f"must be at most {MAX_QUERY_BYTES} bytes")
 
 
-def _finish(response: Response) -> Response:
+def _decode_path_values(trace: RequestTrace, values: dict[str, Any]) -> None:
+    """Decode and check every path value once; ``kind`` and ``id`` become the trace's identity."""
+    if "kind" in values:
+        id_field = KINDS[values.pop("kind")]
+        trace.identity = Identity(id_field, decode_segment(id_field, values.pop("id")))
+    for name, raw in values.items():
+        values[name] = decode_segment(name, raw)
+
+
+def finish(response: Response) -> Response:
+    """Stamp the common headers and queue the access line and metrics."""
     trace: RequestTrace | None = g.get("trace")
     headers = response.headers
     headers["X-Content-Type-Options"] = "nosniff"
@@ -78,14 +120,17 @@ def _finish(response: Response) -> Response:
     extensions = trace.extensions
     rule = request.url_rule
     route = route_template(rule.rule if rule is not None else "unmatched")
-    status = response.status_code
     settings = extensions.settings
     identity = trace.identity
     user = identity.value if identity is not None and settings.log_user_ids else None
-    log_request(trace, request.method, route, status, user, extensions.metrics, settings.access_log)
+    clock = extensions.clock
+    log_request(
+        trace, request.method, route, response.status_code, user, extensions.metrics, settings.access_log,
+        at=clock.time(), now=clock.monotonic(),
+    )  # fmt: skip
     return response
 
 
-def register_request_hooks(app: Flask) -> None:
-    app.url_value_preprocessor(_begin)
-    app.after_request(_finish)
+def register_gate(app: Flask) -> None:
+    app.url_value_preprocessor(admit)
+    app.after_request(finish)

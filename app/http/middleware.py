@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
+
+from app.clock import Clock
 
 WSGIApp = Any
 
@@ -20,14 +21,15 @@ class RawPathMiddleware:
 
     WSGI servers hand Flask a decoded ``PATH_INFO``, in which ``users/a%2Fb/cohorts``
     and ``users/a/b/cohorts`` look the same. Every path value is decoded later, once,
-    by :func:`app.params.decode_segment`. The arrival time is kept for the deadline.
+    by :func:`app.http.params.decode_segment`. The arrival time is kept for the deadline.
     """
 
-    def __init__(self, app: WSGIApp) -> None:
+    def __init__(self, app: WSGIApp, clock: Clock) -> None:
         self.app = app
+        self._now = clock.monotonic
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        environ["profile_proxy.arrival"] = time.monotonic()
+        environ["profile_proxy.arrival"] = self._now()
         raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
         if raw:
             path = raw.split("?", 1)[0].split("#", 1)[0]

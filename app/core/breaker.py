@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
+
+from app.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +19,10 @@ class CircuitBreaker:
     each spending a token and a timeout on an upstream that is down.
     """
 
-    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, threshold: int, cooldown: float, clock: Clock = SYSTEM_CLOCK) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
-        self._clock = clock
+        self._now = clock.monotonic
         self._lock = threading.Lock()
         self._failures = 0
         self._opened_at = 0.0
@@ -32,7 +32,7 @@ class CircuitBreaker:
     @property
     def state(self) -> str:
         with self._lock:
-            if self._state == OPEN and self._clock() - self._opened_at >= self.cooldown:
+            if self._state == OPEN and self._now() - self._opened_at >= self.cooldown:
                 return HALF_OPEN
             return self._state
 
@@ -42,7 +42,7 @@ class CircuitBreaker:
             if self._state == CLOSED:
                 return True
             if self._state == OPEN:
-                if self._clock() - self._opened_at < self.cooldown:
+                if self._now() - self._opened_at < self.cooldown:
                     return False
                 self._state = HALF_OPEN
             if self._probe_in_flight:
@@ -53,7 +53,7 @@ class CircuitBreaker:
     def seconds_until_retry(self) -> float:
         with self._lock:
             if self._state == OPEN:
-                return max(0.0, self.cooldown - (self._clock() - self._opened_at))
+                return max(0.0, self.cooldown - (self._now() - self._opened_at))
             return 1.0 if self._state == HALF_OPEN else 0.0
 
     def record_success(self) -> None:
@@ -76,7 +76,7 @@ class CircuitBreaker:
                         self.cooldown,
                     )
                 self._state = OPEN
-                self._opened_at = self._clock()
+                self._opened_at = self._now()
 
     def release(self) -> None:
         """Give back a probe slot taken by :meth:`allow` when no call was made."""

@@ -1,0 +1,94 @@
+"""Admission to Amplitude: the circuit breaker, the caller's miss cap and the budget, as one step.
+
+``with admission.slot(caller, deadline):`` either admits one upstream call or raises a
+typed error, and on leaving gives back what it took and records what happened: a
+success or failure for the breaker, a 429 back-off for the budget, the outcome and
+duration for the metrics. No exit path can leave a breaker probe slot taken.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from app.budget import CallerMissCaps, UpstreamBudget
+from app.clock import Clock, Deadline
+from app.core.breaker import CircuitBreaker
+from app.errors import RateLimited, UpstreamMisconfigured, UpstreamUnavailable, UserNotFound
+from app.observability import Metrics
+from app.upstream import UpstreamThrottled
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    """Decide whether one more call may go to Amplitude now, and account for it."""
+
+    def __init__(
+        self,
+        breaker: CircuitBreaker,
+        budget: UpstreamBudget,
+        caller_caps: CallerMissCaps | None,
+        metrics: Metrics,
+        clock: Clock,
+        max_wait: float,
+    ) -> None:
+        self.breaker = breaker
+        self.budget = budget
+        self.caller_caps = caller_caps
+        self.metrics = metrics
+        self.clock = clock
+        self.max_wait = max_wait
+
+    @contextmanager
+    def slot(self, caller: str | None, deadline: Deadline | None) -> Iterator[None]:
+        """Admit one upstream call for *caller*, waiting for a token until *deadline* at most.
+
+        ``deadline=None`` (a background refresh) never waits for a token.
+
+        :raises UpstreamUnavailable: the circuit is open.
+        :raises RateLimited: the caller's cap or the budget is spent, or a 429 back-off runs.
+        """
+        if not self.breaker.allow():
+            raise UpstreamUnavailable(
+                "Amplitude is failing; calls paused", retry_after=self.breaker.seconds_until_retry()
+            )
+        try:
+            if caller is not None and self.caller_caps is not None:
+                self.caller_caps.spend(caller)
+            self.budget.acquire(deadline.capped(self.max_wait) if deadline is not None else 0.0)
+        except BaseException as exc:
+            if isinstance(exc, RateLimited):
+                self.metrics.turned_away.inc()
+            self.breaker.release()
+            raise
+        started = self.clock.monotonic()
+        outcome = "failed"
+        try:
+            yield
+            outcome = "ok"
+            self.breaker.record_success()
+        except UserNotFound:
+            outcome = "not_found"
+            self.breaker.record_success()
+            raise
+        except UpstreamThrottled as exc:
+            outcome = "throttled"
+            self.breaker.release()
+            self.budget.back_off(exc.retry_after)
+            raise
+        except UpstreamMisconfigured:
+            outcome = "misconfigured"
+            self.breaker.release()
+            raise
+        except UpstreamUnavailable as exc:
+            self.breaker.record_failure()
+            log.warning("Amplitude call failed: %s", exc.message)
+            raise
+        except BaseException:
+            self.breaker.release()
+            raise
+        finally:
+            self.metrics.upstream.labels(outcome).inc()
+            self.metrics.upstream_latency.observe(self.clock.monotonic() - started)
