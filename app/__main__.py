@@ -1,4 +1,4 @@
-"""``python -m app COMMAND``: the service's command-line tools (today: ``warm``)."""
+"""``python -m app COMMAND``: the service's command-line tools (``warm``, ``preview``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The subcommand parses its own options (and its own --help), so pass everything through.
     commands.add_parser("warm", add_help=False, help="warm the service's cache before a Braze send")
+    commands.add_parser("preview", add_help=False, help="render a Braze template against the service and lint it")
     try:
-        _, rest = parser.parse_known_args(argv)
+        chosen, rest = parser.parse_known_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    if chosen.command == "preview":
+        from app.preview import cli
+
+        return cli.main(rest)
     from app import warm  # imported here: `import app.__main__` stays cheap
 
     return warm.main(rest)
