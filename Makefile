@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# redis-server for the shared-tier tests; wrk for the benchmark.
+# redis-server for the shared-tier tests, chromium for the preview page test; wrk for the benchmark.
 system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
 run: install
 	./scripts/run.sh

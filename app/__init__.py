@@ -43,6 +43,10 @@ def create_app(
 
     app.register_blueprint(ops)
     app.register_blueprint(v1)
+    if settings.preview_page:
+        from app.preview.page import register as register_preview_page
+
+        register_preview_page(app)
     wsgi = app.wsgi_app
     if settings.trusted_proxy_count:
         # Only the addresses the trusted proxies appended count: a client's own

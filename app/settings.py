@@ -70,6 +70,7 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = True
     log_user_ids: bool = False
+    preview_page: bool = False
 
     def __repr__(self) -> str:
         shown = []
@@ -203,6 +204,7 @@ class SettingsSchema(Schema):
     LOG_LEVEL = mf.String(load_default="INFO", validate=OneOf(["DEBUG", "INFO", "WARNING", "ERROR"]))
     ACCESS_LOG = mf.Boolean(load_default=True)
     LOG_USER_IDS = mf.Boolean(load_default=False)
+    PREVIEW_PAGE = mf.Boolean(load_default=False)
 
     @validates_schema
     def _check_combinations(self, data: dict[str, Any], **kwargs: Any) -> None:
