@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test test-fast lint audit lock bench system-deps clean
+.PHONY: install run test test-fast test-unit lint audit lock bench system-deps clean
 
 install: $(STAMP)
 
@@ -29,9 +29,13 @@ test: install system-deps
 test-fast: install system-deps
 	$(PY) -m pytest -m "not slow"
 
+# The unit layer alone: pure logic on a fake clock, no sockets, no sleeps (seconds).
+test-unit: install
+	$(PY) -m pytest tests/unit
+
 lint: install
-	$(VENV)/bin/ruff check app simulator tests bench
-	$(VENV)/bin/ruff format --check app simulator tests bench
+	$(VENV)/bin/ruff check app simulator testkit tests bench
+	$(VENV)/bin/ruff format --check app simulator testkit tests bench
 	$(VENV)/bin/mypy
 
 # bandit over app/ (no findings allowed) and pip-audit over the pinned runtime dependencies.

@@ -7,14 +7,11 @@ CLI's ``finally`` and at exit) terminates each group, then kills what is left.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from testkit import processes
+from testkit.processes import Proc, free_port, stop_all  # noqa: F401 - stop_all is re-exported for bench.cli
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -49,7 +49,7 @@ LOG_DIR = Path(tempfile.mkdtemp(prefix="bench-logs-"))
 KEEP_LOGS = bool(os.environ.get("BENCH_KEEP_LOGS"))
 
 
-class BenchError(RuntimeError):
+class BenchError(processes.ProcessError):
     """A scenario could not run (a process did not start, wrk failed...)."""
 
 
@@ -57,111 +57,25 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# -- processes ---------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group, wait, then SIGKILL whatever is left of it."""
-        if self.popen.returncode is None:
-            _signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        # Workers can outlive a master killed hard: always sweep the group.
-        _signal_group(self.pid, signal.SIGKILL)
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        if self in _LIVE:
-            _LIVE.remove(self)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-_LIVE: list[Proc] = []
+# -- processes (shared with the test suite: testkit.processes) ------------------------------
 
 
 def spawn(name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, exact_env: bool = False) -> Proc:
-    """Start *argv* in its own process group, stderr to a log file, stdout discarded.
+    """Start *argv* in its own process group, stderr to a log file in LOG_DIR.
 
-    *env* is added to the harness's environment, or is the whole environment with
-    *exact_env*. stdout carries the service's JSON access log: discarded, as a log
-    shipper would take it away (its formatting cost is still paid).
+    stdout carries the service's JSON access log: discarded unless ``--keep-logs``, as a
+    log shipper would take it away (its formatting cost is still paid).
     """
-    log_path = LOG_DIR / f"{name}-{len(_LIVE)}-{int(time.time() * 1000)}.log"
-    handle = open(log_path, "wb")  # noqa: SIM115 - owned by the child
-    full_env = {} if exact_env else dict(os.environ)
-    full_env.update(env or {})
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
-    popen = subprocess.Popen(
-        list(argv),
-        cwd=ROOT,
-        env=full_env,
-        stdin=subprocess.DEVNULL,
-        stdout=handle if KEEP_LOGS else subprocess.DEVNULL,
-        stderr=handle,
-        start_new_session=True,
-    )
-    handle.close()
-    proc = Proc(name, popen, log_path)
-    _LIVE.append(proc)
-    return proc
-
-
-def stop_all() -> None:
-    for proc in list(reversed(_LIVE)):
-        proc.stop()
-
-
-atexit.register(stop_all)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    log_path = LOG_DIR / f"{name}-{int(time.time() * 1000)}.log"
+    return processes.spawn(name, argv, log_path, env, exact_env=exact_env, keep_stdout=KEEP_LOGS)
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
     """Poll *url* until it answers 200, failing early if *proc* died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise BenchError(f"{proc.name} exited during start-up:\n{proc.log_tail()}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{proc.name} did not answer {url} within {timeout:.0f} s:\n{proc.log_tail()}")
+    try:
+        processes.wait_http(url, proc, timeout)
+    except processes.ProcessError as exc:
+        raise BenchError(str(exc)) from None
 
 
 # -- the simulator -----------------------------------------------------------------------

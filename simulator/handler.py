@@ -87,6 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _profile(self, sim: AmplitudeSimulator, path: str, raw_query: str) -> None:
         params = parse_qsl(raw_query, keep_blank_values=True)
         self._current = sim._record(path, raw_query, params, dict(self.headers.items()))
+        sim._hold_if_held()
         fault = sim._take_fault()
         mode, options = fault.mode, fault.options
         if sim.latency_ms and sim._wait(sim.latency_ms / 1000):

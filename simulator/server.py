@@ -32,6 +32,9 @@ FAULT_OPTIONS: dict[str, frozenset[str]] = {
 }
 FAULT_MODES = frozenset(FAULT_OPTIONS)
 
+#: The longest a request waits while the simulator is held (a test that forgets to release).
+HOLD_LIMIT_SECONDS = 30.0
+
 
 @dataclass(slots=True)
 class RecordedRequest:
@@ -99,6 +102,8 @@ class AmplitudeSimulator:
         self._generation = 0
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
+        self._open = threading.Event()  # cleared by hold(): answers wait until release()
+        self._open.set()
         self._thread: threading.Thread | None = None
         self._server = _Server((host, port), _Handler)
         self._server.simulator = self
@@ -126,6 +131,7 @@ class AmplitudeSimulator:
     def stop(self) -> None:
         """Stop serving, end waiting faults and close open connections."""
         self._stopping.set()
+        self._open.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._server.shutdown()
         self._server.server_close()
@@ -183,9 +189,26 @@ class AmplitudeSimulator:
             self._accepted.clear()
             self._fault = NO_FAULT
             self._generation += 1  # requests still in flight no longer count
+        self._open.set()
         if reset_config:
             # Back to what the constructor (or the command line) said.
             self.rate_limit_per_minute, self.latency_ms, self.unknown_user_status = self._initial
+
+    def hold(self) -> None:
+        """Receive (and count) profile requests but answer none until :meth:`release`.
+
+        Lets a test keep a call in flight for exactly as long as it needs, instead of
+        guessing a latency; a held request waits at most ``HOLD_LIMIT_SECONDS``.
+        """
+        self._open.clear()
+
+    def release(self) -> None:
+        """Answer the held requests (and every later one) as usual."""
+        self._open.set()
+
+    def _hold_if_held(self) -> None:
+        if not self._open.is_set():
+            self._open.wait(HOLD_LIMIT_SECONDS)
 
     def set_fault(self, mode: str, count: int | None = None, **options: Any) -> None:
         """Apply *mode* to the next *count* profile requests (None: until ``set_fault("none")``)."""

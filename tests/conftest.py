@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +19,13 @@ from app import create_app
 from app.clock import SYSTEM_CLOCK, Clock
 from app.settings import SettingsSchema
 from simulator import AmplitudeSimulator
+from testkit.clock import FakeClock
+from testkit.processes import RedisServer, free_port, gunicorn_env, start_gunicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_SECRET = "sim-secret-key-for-tests"
 BRAZE_KEY = "test-key-braze-0001"
 CURL_KEY = "test-key-curl-0002"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def base_env(sim: AmplitudeSimulator, **overrides: Any) -> dict[str, str]:
@@ -120,93 +112,17 @@ def service(make_service: Callable[..., RunningService]) -> RunningService:
     return make_service()
 
 
-class FakeClock:
-    """Wall and monotonic time that tests move forward instead of sleeping.
-
-    ``sleep`` moves the clock instead of waiting, so code that waits on this clock
-    (a budget token, a poll) returns at once with time having passed.
-    """
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now - 1_700_000_000.0
-
-    def sleep(self, seconds: float) -> None:
-        self.advance(max(0.0, seconds))
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 
 
-class RedisServer:
-    """A real ``redis-server`` on a free port that tests may kill and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: run `make system-deps` (CI installs it)")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            for _ in range(100):
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def flush(self) -> None:
-        client = redis.Redis.from_url(self.url)
-        try:
-            client.flushall()
-        finally:
-            client.close()
+def flush_redis(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -225,13 +141,9 @@ def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 def redis_url(redis_session: RedisServer | str) -> str:
     """A clean Redis for each test."""
     url = redis_session if isinstance(redis_session, str) else redis_session.url
-    if isinstance(redis_session, RedisServer) and redis_session.process is None:
+    if isinstance(redis_session, RedisServer) and not redis_session.running:
         redis_session.start()
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
+    flush_redis(url)
     return url
 
 
@@ -249,43 +161,20 @@ class GunicornService:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         # Only the settings this test chose: nothing leaks in from the caller's environment.
-        inherited = {k: v for k, v in os.environ.items() if k not in SettingsSchema().fields and k != "WEB_CONCURRENCY"}
-        full_env = {**inherited, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {log_path.read_text()}")
-            try:
-                requests.get(self.url + "/healthz", timeout=0.5).close()
-                return
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gunicorn did not start")
+        unset = [*SettingsSchema().fields, "WEB_CONCURRENCY"]
+        self.proc, self.url = start_gunicorn("gunicorn", gunicorn_env(env, self.port, unset), log_path)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.proc.popen
 
     def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.proc.logs()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=25)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        self.proc.stop(timeout=25)
 
 
 @pytest.fixture

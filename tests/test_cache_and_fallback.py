@@ -6,6 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from testkit import wait_until
+
 
 def test_second_request_is_a_hit(service, sim):
     first = service.get("/v1/users/user-3/cohorts")
@@ -125,12 +127,5 @@ def test_default_on_the_list_route_fills_only_missing_recs(service):
     }
 
 
-def _wait_for(condition, timeout: float = 3.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    wait_until(condition, timeout)

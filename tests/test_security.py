@@ -27,6 +27,7 @@ import requests
 
 from app.observability import ACCESS_LOG, JsonFormatter
 from app.settings import SettingsError, load_settings
+from testkit import wait_until
 from tests.conftest import BRAZE_KEY, CURL_KEY, ROOT, SIM_SECRET
 
 RETRYABLE = re.compile(r"^[1-9][0-9]*$")
@@ -431,7 +432,7 @@ def test_secrets_never_appear_in_gunicorn_output(gunicorn_service, sim):
     )
     seen.append(requests.get(f"{service.url}/metrics", headers={"X-API-Key": CURL_KEY}, timeout=5))
     assert [r.status_code for r in seen] == [200, 503, 502, 503, 503, 401, 200]
-    time.sleep(0.3)
+    wait_until(lambda: "Amplitude rejected the secret key" in service.logs())
     output = service.logs() + "\n".join(map(response_text, seen))
     assert "Amplitude rejected the secret key" in output  # the log really was captured
     for secret in (SIM_SECRET, BRAZE_KEY, CURL_KEY, "wrong-gk-0000"):
