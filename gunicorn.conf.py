@@ -57,7 +57,10 @@ limit_request_field_size = 8190
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# The one list of proxies whose forwarded headers count: gunicorn believes their
+# X-Forwarded-Proto, the app their X-Forwarded-For (app/http/forwarded.py). Same default
+# as app/settings.py, which refuses "*".
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS") or "127.0.0.1,::1"
 # No logconfig_dict: with one, gunicorn would format an access-log entry for every
 # request even with accesslog off. The app writes its own JSON access log on stdout.
 

@@ -7,13 +7,14 @@ import os
 from collections.abc import Mapping
 
 from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import register_error_handlers
 from app.extensions import ProxyExtensions
+from app.http.forwarded import TrustedForwardedFor
 from app.http.gate import register_gate
 from app.http.middleware import RawPathMiddleware
+from app.http.security import parse_networks
 from app.observability import configure_logging
 from app.settings import Settings, load_settings
 
@@ -49,9 +50,9 @@ def create_app(
         register_preview_page(app)
     wsgi = app.wsgi_app
     if settings.trusted_proxy_count:
-        # Only the addresses the trusted proxies appended count: a client's own
-        # X-Forwarded-For entries sit further left and are ignored.
-        wsgi = ProxyFix(wsgi, x_for=settings.trusted_proxy_count, x_proto=settings.trusted_proxy_count)
+        # X-Forwarded-For counts only from FORWARDED_ALLOW_IPS, and only the entries the
+        # trusted proxies appended: a client's own entries sit further left and are ignored.
+        wsgi = TrustedForwardedFor(wsgi, parse_networks(settings.forwarded_allow_ips), settings.trusted_proxy_count)
     app.wsgi_app = RawPathMiddleware(wsgi, clock)  # type: ignore[method-assign]
     if settings.demo_mode:
         log.warning("DEMO MODE: serving simulated Amplitude data from %s", settings.amplitude_api_url)

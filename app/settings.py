@@ -12,6 +12,8 @@ from marshmallow import EXCLUDE, Schema, ValidationError, validates_schema
 from marshmallow import fields as mf
 from marshmallow.validate import OneOf, Range
 
+from app import braze_ranges
+
 #: Fields whose values are secrets: never shown by ``repr`` or in an error.
 SECRET_FIELDS = frozenset({"amplitude_secret_key", "caller_keys", "admin_keys"})
 
@@ -64,6 +66,7 @@ class Settings:
     redis_timeout_seconds: float = 0.1
     allowed_cidrs: tuple[str, ...] = ()
     trusted_proxy_count: int = 0
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     auth_failure_limit_per_minute: int = 20
     caller_miss_limit_per_minute: int | None = None
     demo_mode: bool = False
@@ -134,15 +137,37 @@ class CallerKeyList(mf.Field):
 
 
 class CidrList(CommaList):
-    """Comma-separated networks (``203.0.113.0/24``) or single addresses."""
+    """Comma-separated networks (``203.0.113.0/24``), single addresses, or ``braze:US-01`` cluster names."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
         entries = super()._deserialize(value, attr, data, **kwargs)
         for entry in entries:
+            if braze_ranges.is_named(entry):
+                try:
+                    braze_ranges.resolve(entry)
+                except ValueError as exc:
+                    raise ValidationError(str(exc)) from None
+                continue
             try:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
-                raise ValidationError(f"{entry!r} is not a network or address") from None
+                raise ValidationError(f"{entry!r} is not a network, an address or braze:CLUSTER") from None
+        return entries
+
+
+class ProxyList(CommaList):
+    """The proxies whose forwarded headers are believed: addresses or networks, never ``*``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        entries = super()._deserialize(value, attr, data, **kwargs)
+        for entry in entries:
+            if entry == "*":
+                raise ValidationError("'*' would believe any client: name the proxies' addresses or networks")
+            try:
+                # Strict, as gunicorn reads the same list: 10.0.0.1/8 is a mistake, not 10.0.0.0/8.
+                ipaddress.ip_network(entry)
+            except ValueError:
+                raise ValidationError(f"{entry!r} is not a network (without host bits) or address") from None
         return entries
 
 
@@ -197,6 +222,7 @@ class SettingsSchema(Schema):
     REDIS_TIMEOUT_SECONDS = _seconds(0.1, minimum=0.005, maximum=1.0)
     ALLOWED_CIDRS = CidrList(load_default=())
     TRUSTED_PROXY_COUNT = mf.Integer(load_default=0, strict=False, validate=Range(min=0, max=10))
+    FORWARDED_ALLOW_IPS = ProxyList(load_default=("127.0.0.1", "::1"))
     AUTH_FAILURE_LIMIT_PER_MINUTE = _count(20, minimum=0)
     CALLER_MISS_LIMIT_PER_MINUTE = mf.Integer(load_default=None, allow_none=True, strict=False,
                                               validate=Range(min=1))  # fmt: skip

@@ -8,6 +8,7 @@ import threading
 
 from cachetools import TTLCache
 
+from app import braze_ranges
 from app.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
@@ -16,8 +17,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
-    """``10.0.0.0/8,2001:db8::/32`` style entries as networks (a bare address is a /32 or /128)."""
-    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+    """``10.0.0.0/8,2001:db8::/32`` style entries as networks (a bare address is a /32 or /128).
+
+    A ``braze:US-01`` entry stands for the addresses Braze publishes for that cluster.
+    """
+    return tuple(ipaddress.ip_network(cidr, strict=False) for entry in cidrs for cidr in braze_ranges.resolve(entry))
 
 
 class NetworkAllowlist:
