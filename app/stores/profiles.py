@@ -112,8 +112,12 @@ class ProfileStore:
 
     def read(self, query: ProfileQuery) -> View:
         """The newest copies this process or Redis holds; Redis is asked only without a fresh local one."""
+        with self._lock:
+            entry = self._l1.get(query.cache_key)
+        if entry is not None and self.freshness.is_fresh(entry, self._clock.time()):
+            return View(entry)  # the hit path: one lookup, no not-found needed
         view = self.local(query)
-        if self.redis is None or self.freshness.is_fresh(view.entry, self._clock.time()):
+        if self.redis is None:
             return view
         keys = [self._key(query.cache_key), self._key(query.negative_key)]
         try:
