@@ -255,6 +255,7 @@ def test_dry_run_summary_matches_what_the_service_counted(quiet_service, sim, tm
     assert summary["recipients"] == summary["processed"] == 100
     assert summary["rendered"] == 90 and summary["aborted"] == 10
     assert summary["aborted_by_reason"] == {"profile unavailable": 10}
+    assert summary["empty_by_reason"] == {"user_not_found": 10}
     in_control = [
         u for u in USERS[:90] if quiet_service.get(f"/v1/users/{u}").json()["recommendations"]["rec_home"]["is_control"]
     ]

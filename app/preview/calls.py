@@ -146,7 +146,7 @@ class Credentials:
 
     def secrets(self) -> tuple[str, ...]:
         values = [password for _, password in self.named.values()] + [self.caller_key or ""]
-        return tuple(value for value in values if len(value) >= 4)
+        return tuple(value for value in values if len(value) >= 8)  # shorter ones would redact ordinary text
 
     def headers_for(self, spec: CallSpec, to_service: bool) -> dict[str, str]:
         """The Authorization header Braze would send for *spec*'s stored credential, if any."""

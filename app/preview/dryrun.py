@@ -63,6 +63,7 @@ class Summary:
     aborted: Counter[str] = field(default_factory=Counter)
     errors: int = 0
     empty_connected_content: int = 0  # recipients with at least one call that rendered nothing
+    empty_by_reason: Counter[str] = field(default_factory=Counter)  # why (the service's error code) -> recipients
     fallbacks_used: int = 0  # recipients served the URL's default= items
     control_group: int = 0  # recipients in a recommendation's control group
     braze_calls: int = 0  # requests Braze would make (identical URLs once, its URL cache honoured)
@@ -77,6 +78,13 @@ class Summary:
             self.aborted[preview.aborted] += 1
         self.errors += preview.rendered is None and preview.aborted is None
         self.empty_connected_content += any(call.empty for call in preview.calls)
+        self.empty_by_reason.update(
+            {
+                call.error or (f"http_{call.status}" if call.status else "no_answer")
+                for call in preview.calls
+                if call.empty
+            }
+        )
         self.fallbacks_used += any(call.fallback for call in preview.calls)
         self.control_group += preview.control
         self.braze_calls += sum(call.fetched for call in preview.calls)
@@ -92,6 +100,7 @@ class Summary:
             "aborted_by_reason": dict(self.aborted),
             "errors": self.errors,
             "empty_connected_content": self.empty_connected_content,
+            "empty_by_reason": dict(self.empty_by_reason),
             "fallbacks_used": self.fallbacks_used,
             "control_group": self.control_group,
             "braze_calls": self.braze_calls,
@@ -105,6 +114,7 @@ class Summary:
     def line(self) -> str:
         d = self.as_json()
         reasons = ", ".join(f"{reason} {n}" for reason, n in self.aborted.most_common())
+        empty = ", ".join(f"{reason} {n}" for reason, n in self.empty_by_reason.most_common())
         scope = f"{d['recipients']}" if d["processed"] == d["recipients"] else f"{d['processed']} of {d['recipients']}"
         upstream = "unknown (/metrics needs another key)" if d["upstream_calls"] is None else str(d["upstream_calls"])
         return (
@@ -113,7 +123,9 @@ class Summary:
             + f": rendered {d['rendered']}, aborted {d['aborted']}"
             + (f" ({reasons})" if reasons else "")
             + (f", errors {d['errors']}" if d["errors"] else "")
-            + f", empty Connected Content {d['empty_connected_content']}, fallbacks used {d['fallbacks_used']}"
+            + f", empty Connected Content {d['empty_connected_content']}"
+            + (f" ({empty})" if empty else "")
+            + f", fallbacks used {d['fallbacks_used']}"
             + f", control group {d['control_group']}, Braze calls per recipient {d['braze_calls_per_recipient']}"
             + f" ({d['braze_calls']} in all), upstream calls caused {upstream}"
         )
@@ -127,7 +139,7 @@ def dry_run(args: argparse.Namespace, previewer: Previewer, transport: HttpTrans
     if args.sample is not None:
         if args.sample < 1:
             raise Fatal("--sample must be at least 1")
-        ids = random.sample(ids, min(args.sample, len(ids)))  # noqa: S311 - a sample, not a secret
+        ids = random.SystemRandom().sample(ids, min(args.sample, len(ids)))
     if not 1 <= args.concurrency <= 32:
         raise Fatal("--concurrency must be 1 to 32")
     template = load_recipient(None, args.attributes)
