@@ -11,13 +11,15 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels --no-deps -r requirements.lock 
 # Runtime stage: only the installed wheels and the gunicorn settings, as a non-root user.
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PORT=8000
-RUN groupadd --system proxy && useradd --system --gid proxy --no-create-home --shell /usr/sbin/nologin proxy
+RUN groupadd --system --gid 10001 proxy \
+ && useradd --system --uid 10001 --gid proxy --no-create-home --shell /usr/sbin/nologin proxy
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 WORKDIR /srv
 COPY gunicorn.conf.py ./
-USER proxy
+USER 10001:10001
+# Behind the front (docker-compose.yml, deploy/k8s/) gunicorn listens on 8001 instead: PORT=8001.
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=2)"
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=2)"]
 CMD ["gunicorn", "-c", "gunicorn.conf.py"]

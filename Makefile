@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test test-fast test-unit lint audit lock bench system-deps clean
+.PHONY: install run run-prod test test-fast test-unit lint audit lock bench system-deps clean
 
 install: $(STAMP)
 
@@ -18,10 +18,23 @@ $(STAMP): pyproject.toml
 # redis-server for the shared-tier tests, chromium for the preview page test; wrk for the benchmark.
 system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+# The front (nginx-light), promtool (prometheus) for the alert and dashboard checks, openssl and curl
+# for the TLS test: one apt-get update for whatever of them is missing.
+	@missing=""; \
+	  { [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null; } || missing="$$missing nginx-light"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	  command -v openssl >/dev/null || missing="$$missing openssl"; \
+	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
 run: install
 	./scripts/run.sh
+
+# The production shape: the nginx front on http://localhost:8000, gunicorn behind it on 127.0.0.1:8001.
+run-prod: install system-deps
+	./scripts/run-prod.sh
 
 test: install system-deps
 	$(PY) -m pytest

@@ -29,7 +29,8 @@ gunicorn.http.wsgi.SERVER = "amplitude-profile-proxy"
 _shared = bool(os.environ.get("REDIS_URL"))
 workers = int(os.environ.get("WEB_CONCURRENCY") or ((os.cpu_count() or 1) if _shared else 1))
 threads = int(os.environ.get("GUNICORN_THREADS") or 32)
-worker_class = "gthread"
+# gthread, answering the requests gunicorn refuses itself (malformed, over-long) with JSON.
+worker_class = "app.http.worker.JsonErrorThreadWorker"
 # Each process gets limit / workers of the upstream budget when Redis is not there
 # (and as a fallback when it is down). Several instances without Redis: set
 # UPSTREAM_BUDGET_SHARES to the total number of worker processes across all of them.

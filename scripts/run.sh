@@ -20,7 +20,7 @@ if [ -z "${AMPLITUDE_SECRET_KEY:-}" ]; then
   echo "DEMO MODE: AMPLITUDE_SECRET_KEY is not set, so the service serves simulated Amplitude data" \
        "from the built-in simulator on $AMPLITUDE_API_URL."
   echo "DEMO MODE: call it with the caller key 'demo-key', for example:" \
-       "curl -u braze:demo-key http://localhost:${PORT:-8000}/v1/users/user-42/recommendations/rec_home"
+       "curl -u braze:demo-key ${PUBLIC_URL:-http://localhost:${PORT:-8000}}/v1/users/user-42/recommendations/rec_home"
   "$PY" -m gunicorn -c gunicorn.conf.py &
   gunicorn_pid=$!
   trap 'kill $gunicorn_pid $sim_pid 2>/dev/null || true' EXIT INT TERM

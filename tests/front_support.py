@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RENDER = ROOT / "deploy" / "nginx" / "render.py"
 #: A loopback address that is not a configured proxy: "another host" on this machine.
 OUTSIDER = "127.0.0.2"
+#: The status :func:`raw_request` reports for an HTTP/0.9 answer (a body, no status line).
+HTTP09 = 0
 
 
 def free_port() -> int:
@@ -103,6 +105,9 @@ def raw_request(port: int, data: bytes, timeout: float = 10.0) -> RawAnswer:
                 length = _content_length(head)
                 if length is not None and len(body) >= length:
                     break
+    if received.lstrip().startswith(b"{"):
+        # An HTTP/0.9 exchange ("GET /path" with no version): a body without a head.
+        return RawAnswer(HTTP09, {}, received)
     head, _, body = received.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     if not lines or not lines[0].startswith("HTTP/"):
@@ -112,6 +117,26 @@ def raw_request(port: int, data: bytes, timeout: float = 10.0) -> RawAnswer:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return RawAnswer(int(lines[0].split()[1]), headers, body)
+
+
+def read_until_closed(port: int, data: bytes, timeout: float) -> tuple[bytes, bool]:
+    """Send *data*, then read until the server closes: (what it sent, whether it closed in time)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return received, True
+            except TimeoutError:
+                break
+            if not chunk:
+                return received, True
+            received += chunk
+        return received, False
 
 
 def _content_length(head: bytes) -> int | None:
