@@ -59,6 +59,8 @@ audit: install
 	  echo "$$out" | grep -v "^WARNING"; \
 	  if echo "$$out" | grep -q "known vulnerabilit[a-z]* found" && ! echo "$$out" | grep -q "No known"; then exit 1; fi; \
 	  if [ $$rc -ne 0 ]; then echo "pip-audit could not complete (exit $$rc): see above"; fi
+	$(VENV)/bin/hadolint Dockerfile deploy/nginx/Dockerfile
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
 
 # Re-pin the runtime dependencies after changing pyproject.toml.
 lock: install
