@@ -40,6 +40,12 @@ trap stop EXIT INT TERM
 
 ./scripts/run.sh &
 backend_pid=$!
+# Open the front once gunicorn listens, so the first callers do not meet a 502.
+for _ in $(seq 1 150); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$backend_port") 2>/dev/null && break
+  kill -0 "$backend_pid" 2>/dev/null || exit 1
+  sleep 0.2
+done
 "$nginx_bin" -p "$workdir" -c "$workdir/nginx.conf" -e "${FRONT_ERROR_LOG:-/dev/stderr}" &
 front_pid=$!
 echo "FRONT: nginx on http://localhost:$front_port${FRONT_TLS_CERT:+ and https://localhost:${FRONT_TLS_PORT:-8443}}," \
