@@ -12,14 +12,18 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from app.budget import CallerMissCaps, UpstreamBudget
+from app.budget import BULK, LIVE, CallerMissCaps, UpstreamBudget
 from app.clock import Clock, Deadline
 from app.core.breaker import CircuitBreaker
 from app.errors import RateLimited, UpstreamMisconfigured, UpstreamUnavailable, UserNotFound
 from app.observability import Metrics
+from app.settings import SEND_ALLOWANCE_SECONDS
 from app.upstream import UpstreamThrottled
 
 log = logging.getLogger(__name__)
+
+#: Time a bulk caller keeps for the upstream call after waiting for its slot.
+BULK_CALL_ALLOWANCE_SECONDS = 0.5
 
 
 class Admission:
@@ -33,6 +37,7 @@ class Admission:
         metrics: Metrics,
         clock: Clock,
         max_wait: float,
+        bulk_callers: tuple[str, ...] = (),
     ) -> None:
         self.breaker = breaker
         self.budget = budget
@@ -40,12 +45,25 @@ class Admission:
         self.metrics = metrics
         self.clock = clock
         self.max_wait = max_wait
+        self.bulk_callers = frozenset(bulk_callers)
+
+    def _max_wait(self, deadline: Deadline | None, bulk: bool) -> float:
+        """How long a call may wait for its slot: live callers ``BUDGET_MAX_WAIT_SECONDS``;
+        bulk callers (who yield the reserve to live traffic, and are not in a hurry) as long as
+        leaves time for the call itself; background refreshes not at all."""
+        if deadline is None:
+            return 0.0
+        if bulk:
+            return max(0.0, deadline.remaining() - BULK_CALL_ALLOWANCE_SECONDS)
+        return deadline.capped(self.max_wait)
 
     @contextmanager
-    def slot(self, caller: str | None, deadline: Deadline | None) -> Iterator[None]:
+    def slot(self, caller: str | None, deadline: Deadline | None) -> Iterator[float]:
         """Admit one upstream call for *caller*, waiting for a token until *deadline* at most.
 
-        ``deadline=None`` (a background refresh) never waits for a token.
+        ``deadline=None`` (a background refresh) never waits for a token. Background
+        refreshes and callers named in ``BULK_CALLERS`` are bulk work: they yield to live
+        traffic (see :mod:`app.budget`).
 
         :raises UpstreamUnavailable: the circuit is open.
         :raises RateLimited: the caller's cap or the budget is spent, or a 429 back-off runs.
@@ -54,19 +72,23 @@ class Admission:
             raise UpstreamUnavailable(
                 "Amplitude is failing; calls paused", retry_after=self.breaker.seconds_until_retry()
             )
+        bulk = caller is None or caller in self.bulk_callers
+        caller_class = BULK if bulk else LIVE
         try:
-            if caller is not None and self.caller_caps is not None:
+            if caller is not None and self.caller_caps:
                 self.caller_caps.spend(caller)
-            self.budget.acquire(deadline.capped(self.max_wait) if deadline is not None else 0.0)
+            grant = self.budget.acquire(self._max_wait(deadline, bulk), bulk)
         except BaseException as exc:
             if isinstance(exc, RateLimited):
-                self.metrics.turned_away.inc()
+                self.metrics.turned_away.labels(caller_class).inc()
             self.breaker.release()
             raise
+        self.metrics.budget_granted.labels(caller_class).inc()
+        self.metrics.budget_wait.observe(grant.waited)
         started = self.clock.monotonic()
         outcome = "failed"
         try:
-            yield
+            yield started + SEND_ALLOWANCE_SECONDS
             outcome = "ok"
             self.breaker.record_success()
         except UserNotFound:
@@ -77,6 +99,10 @@ class Admission:
             outcome = "throttled"
             self.breaker.release()
             self.budget.back_off(exc.retry_after)
+            raise
+        except RateLimited:  # the slot passed before the call could leave: never sent
+            outcome = "not_sent"
+            self.breaker.release()
             raise
         except UpstreamMisconfigured:
             outcome = "misconfigured"

@@ -1,104 +1,109 @@
-"""The upstream request budget: never send Amplitude more than its per-minute limit."""
+"""The upstream budget: never more than the limit in any window, and every slot used.
+
+Admission is exact: a sliding log of grants (:class:`app.core.window.SlidingWindow`),
+kept in Redis by one Lua script when Redis is configured, so every process of every
+instance shares one log. The window is 60 s plus the connect timeout: a granted call
+reaches Amplitude within that time or not at all, so no 60-second window *as Amplitude
+counts arrivals* holds more than the limit.
+
+Live before bulk: callers named in ``BULK_CALLERS`` (and background refreshes) are
+granted a slot only while a reserve stays free for live traffic, and only while live
+traffic has been seen in the last window; with no live traffic, bulk work may use it all.
+
+When Redis cannot be reached, a process falls back to its share of the fleet
+(``limit // fleet``, the fleet counted by heartbeats in Redis), and only from one window
+(plus the heartbeat timeout) after it last reached Redis: by then nothing it or anyone
+else granted through Redis can share a window with its own grants, and the processes
+that still reach Redis hold back the shares of the ones that went quiet. Grants made
+while cut off are written into the shared log when Redis answers again. A process cut
+off for longer than ``FLEET_HORIZON_SECONDS`` stops calling Amplitude: by then the
+others no longer reserve its share.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
+import secrets
 import threading
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from app.clock import SYSTEM_CLOCK, Clock
+from app.core.window import SlidingWindow
 from app.errors import RateLimited
 from app.stores.redis import RedisTier, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
-# Reserve a token (or say how long until one) and honour a shared 429 back-off, in one
-# round trip. Redis's own clock is used so instances with skewed clocks agree.
-_RESERVE_LUA = """
-local backoff = redis.call('PTTL', KEYS[2])
-if backoff > 0 then return {-1, tostring(backoff / 1000)} end
+LIVE, BULK = "live", "bulk"
+
+#: A process not heard from for this long may be granting on its own share.
+HEARTBEAT_TIMEOUT_SECONDS = 5.0
+#: How long a silent process keeps its share reserved (and may use it on its own).
+FLEET_HORIZON_SECONDS = 300.0
+
+_ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rate = tonumber(ARGV[1])
-local capacity = tonumber(ARGV[2])
-local max_wait = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then tokens = tonumber(ARGV[4]); ts = now end
-tokens = math.min(capacity, tokens + math.max(0, now - ts) * rate)
-local wait = 0
-if tokens < 1 then wait = (1 - tokens) / rate end
-if wait > max_wait then
-  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-  redis.call('PEXPIRE', KEYS[1], 180000)
-  return {0, tostring(wait)}
+local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local hb_timeout, horizon = tonumber(ARGV[7]), tonumber(ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - horizon)
+redis.call('ZADD', KEYS[3], now, ARGV[6])
+redis.call('PEXPIRE', KEYS[3], math.ceil(horizon * 1000))
+local alive = redis.call('ZCOUNT', KEYS[3], now - hb_timeout, '+inf')
+-- A process back from an outage remembers the fleet it knew: if Redis restarted empty, the
+-- processes not heard from since may still be spending their shares on their own.
+local fleet = math.max(redis.call('ZCARD', KEYS[3]), tonumber(ARGV[11]))
+local quiet = fleet - alive
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+for i = 12, #ARGV do
+  local stamp = now - tonumber(ARGV[i])
+  if stamp > now - window then redis.call('ZADD', KEYS[1], stamp, ARGV[10] .. ':m' .. i) end
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], 180000)
-return {1, tostring(wait)}
+local used = redis.call('ZCARD', KEYS[1])
+if ARGV[9] == '1' then return {2, '0', fleet, used} end
+local backoff = redis.call('PTTL', KEYS[2])
+if backoff > 0 then return {-1, tostring(backoff / 1000), fleet, used} end
+local ceiling = limit - math.floor(limit / fleet) * quiet
+if ARGV[4] == '1' then
+  local live = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if now - live < window then ceiling = ceiling - tonumber(ARGV[5]) end
+else
+  redis.call('SET', KEYS[4], tostring(now), 'PX', math.ceil(window * 1000))
+end
+if ceiling <= 0 then return {0, tostring(window), fleet, used} end
+local slot = now
+if used >= ceiling then
+  local kth = redis.call('ZRANGE', KEYS[1], used - ceiling, used - ceiling, 'WITHSCORES')
+  slot = math.max(slot, tonumber(kth[2]) + window)
+end
+local wait = slot - now
+if wait > tonumber(ARGV[3]) then return {0, tostring(wait), fleet, used} end
+redis.call('ZADD', KEYS[1], slot, ARGV[10])
+redis.call('PEXPIRE', KEYS[1], math.ceil((window + 60) * 1000))
+return {1, tostring(wait), fleet, used + 1}
 """
 
 
-def bucket_shape(per_minute: float) -> tuple[float, float]:
-    """Return (capacity, tokens per second) that never allow more than *per_minute* in any 60 s.
+class _NoSlot(Exception):
+    """No slot now; *seconds* until one is expected (exact, unlike ``Retry-After``)."""
 
-    In any window of T seconds a bucket grants at most ``capacity + rate * T``; with the
-    rate computed over 61 s, a 60 s window stays strictly under the limit even when the
-    requests reach Amplitude a little later than they left.
-    """
-    capacity = max(1.0, math.floor(per_minute / 20))
-    rate = max(per_minute - capacity, 1.0) / 61.0
-    return capacity, rate
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = max(0.001, seconds)
 
 
-class TokenBucket:
-    """A thread-safe token bucket that hands out reservations.
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A slot for one upstream call: how long the caller waited for it, and its class."""
 
-    The upstream budget starts empty, so a restarted process cannot add a fresh burst
-    to a window its predecessor already used.
-    """
-
-    def __init__(self, per_minute: float, clock: Clock = SYSTEM_CLOCK, start_full: bool = False) -> None:
-        self.capacity, self.rate = bucket_shape(per_minute)
-        self._clock = clock.monotonic
-        self._lock = threading.Lock()
-        self._tokens = self.capacity if start_full else 0.0
-        self._stamp = self._clock()
-
-    def _refill(self, now: float) -> None:
-        self._tokens = min(self.capacity, self._tokens + max(0.0, now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def reserve(self, max_wait: float) -> float | None:
-        """Take a token now or at most *max_wait* seconds ahead; return the wait, or None."""
-        with self._lock:
-            self._refill(self._clock())
-            wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
-            if wait > max_wait:
-                return None
-            self._tokens -= 1
-            return wait
-
-    def seconds_until_token(self) -> float:
-        with self._lock:
-            self._refill(self._clock())
-            return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
-
-    @property
-    def tokens(self) -> float:
-        with self._lock:
-            self._refill(self._clock())
-            return self._tokens
+    waited: float
+    caller_class: str
 
 
 class UpstreamBudget:
-    """Tokens for Amplitude calls: shared through Redis when it answers, else this process's share.
-
-    A 429 from Amplitude (another system spent the organisation's quota) stops every
-    call for the back-off period, across processes when Redis is there.
-    """
+    """Slots for Amplitude calls: one shared log through Redis, else this process's share."""
 
     def __init__(
         self,
@@ -106,64 +111,210 @@ class UpstreamBudget:
         shares: int,
         redis_tier: RedisTier | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        name: str = "budget",
-        start_full: bool = False,
+        window: float = 60.0,
+        live_reserve: int = 1,
     ) -> None:
-        self.name = name
-        self.start_full = start_full
         self.per_minute = per_minute
-        self.local = TokenBucket(per_minute / shares, clock, start_full=start_full)
-        self.shared_shape = bucket_shape(per_minute)
+        self.window = window
+        self.live_reserve = live_reserve
         self.redis = redis_tier
-        self._clock = clock.monotonic
-        self._sleep = clock.sleep
+        self.min_fleet = max(1, shares)
+        self._clock = clock
+        self._now = clock.monotonic
+        self._lock = threading.Lock()
         self._backoff_until = 0.0
-        self._script = redis_tier.script(_RESERVE_LUA) if redis_tier else None
-        self.turned_away = 0
+        self._last_live = float("-inf")
+        self.process_id = secrets.token_hex(6)
+        started = self._now()
+        # Without Redis: this process's share, ramping up as if its predecessor (a
+        # restart) had spent the limit evenly over the last window.
+        self._local = SlidingWindow(per_minute // self.min_fleet, window, clock)
+        if redis_tier is None:
+            self._local.occupy(self._local.limit, spread=window)
+        # With Redis: what the shared log last said, and the fallback while it is away.
+        self._fleet = self.min_fleet
+        self._last_shared = started  # until Redis answers, assume it just did (strictest)
+        self._used = 0
+        self._fallback: SlidingWindow | None = None
+        self._unmerged: list[float] = []
+        # This process's own grants in the window, to write back if Redis lost the log
+        # (restarted without persistence) while this process could not see it.
+        self._own: deque[float] = deque()
+        self._remerge = False
+        self._recovered_at = float("-inf")
+        self._script = redis_tier.script(_ADMIT_LUA) if redis_tier else None
+        self._heartbeat: threading.Thread | None = None
+        self._closed = threading.Event()
+        if redis_tier is not None:
+            # Counted in the fleet from the start, not from the first miss: the others'
+            # fallback shares are computed from the fleet's size.
+            self._start_heartbeat()
 
-    def acquire(self, max_wait: float) -> None:
-        """Return once a token is spent for the caller, having slept at most *max_wait*.
+    def close(self) -> None:
+        """Stop the heartbeat and leave the fleet, so the others need not hold back this share."""
+        self._closed.set()
+        if self.redis is not None and self._heartbeat is not None:
+            key, member = self.redis.key("fleet"), self.process_id
+            try:
+                self.redis.run(lambda client: client.zrem(key, member))
+            except RedisUnavailable:
+                pass
 
-        :raises RateLimited: in back-off, or no token within *max_wait*; ``retry_after``
-            says when one is expected.
+    # -- admission -------------------------------------------------------------------
+
+    def acquire(self, max_wait: float, bulk: bool = False) -> Grant:
+        """Take a slot within *max_wait* seconds (sleeping until it comes) or be turned away.
+
+        A live caller reserves the slot it will wait for. A bulk caller never holds a
+        reservation (one would stand before a live request arriving later): it sleeps until
+        the next slot is due and asks again, as long as *max_wait* allows.
+
+        :raises RateLimited: in a 429 back-off, or no slot within *max_wait*;
+            ``retry_after`` says when one is expected.
         """
-        remaining_backoff = self._backoff_until - self._clock()
+        started = self._now()
+        while True:
+            try:
+                wait = self._take(0.0 if bulk else max_wait, bulk)
+            except _NoSlot as refused:
+                waited = self._now() - started
+                if not bulk or waited + refused.seconds > max_wait:
+                    raise RateLimited(retry_after=refused.seconds) from None
+                self._clock.sleep(refused.seconds)
+                continue
+            if wait > 0:
+                self._clock.sleep(wait)
+            return Grant(self._now() - started, BULK if bulk else LIVE)
+
+    def _take(self, max_wait: float, bulk: bool) -> float:
+        """One attempt: the wait for a slot taken, or :class:`_NoSlot` with the time until one."""
+        remaining_backoff = self._backoff_until - self._now()
         if remaining_backoff > 0:
             self._turn_away(remaining_backoff)
-        shared = self._reserve_shared(max_wait)
-        if shared is None:
-            local_wait = self.local.reserve(max_wait)
-            if local_wait is None:
-                self._turn_away(self.local.seconds_until_token())
-            wait = local_wait or 0.0
-        else:
-            granted, wait = shared
-            if granted < 0:  # a 429 back-off recorded by another process
-                self._backoff_until = max(self._backoff_until, self._clock() + wait)
-            if granted <= 0:
-                self._turn_away(wait)
-        if wait > 0:
-            self._sleep(wait)
+        wait = self._acquire_shared(max_wait, bulk) if self.redis is not None else None
+        if wait is None:
+            window = self._local if self.redis is None else self._fallback_window()
+            wait = self._acquire_local(window, max_wait, bulk)
+        return wait
 
-    def _reserve_shared(self, max_wait: float) -> tuple[int, float] | None:
-        if self._script is None or self.redis is None:
+    def _ceiling(self, window: SlidingWindow, bulk: bool) -> int:
+        now = self._now()
+        if not bulk:
+            self._last_live = now
+            return window.limit
+        if now - self._last_live < self.window:
+            return window.limit - self.live_reserve
+        return window.limit
+
+    def _acquire_local(self, window: SlidingWindow | None, max_wait: float, bulk: bool) -> float:
+        if window is None:  # cut off from Redis too recently, or for too long
+            self._turn_away(self._fallback_retry_after())
+        ceiling = self._ceiling(window, bulk)
+        wait = window.reserve(max_wait, ceiling)
+        if wait is None:
+            self._turn_away(window.seconds_until_slot(ceiling))
+        if window is not self._local:
+            self._remember(self._now() + wait, unmerged=True)
+        return wait
+
+    def _remember(self, stamp: float, unmerged: bool = False) -> None:
+        with self._lock:
+            while self._own and self._own[0] <= stamp - self.window:
+                self._own.popleft()
+            self._own.append(stamp)
+            if unmerged:
+                self._unmerged.append(stamp)
+
+    def _acquire_shared(self, max_wait: float, bulk: bool) -> float | None:
+        """A slot from the shared log; None when Redis did not answer (use the fallback)."""
+        result = self._run_script(max_wait, bulk, heartbeat_only=False)
+        if result is None:
             return None
-        capacity, rate = self.shared_shape
-        keys = [self.redis.key(self.name), self.redis.key("backoff")]
+        granted, wait = result
+        if granted < 0:  # a 429 back-off recorded by another process
+            self._backoff_until = max(self._backoff_until, self._now() + wait)
+        if granted <= 0:
+            self._turn_away(wait)
+        self._remember(self._now() + wait)
+        return wait
+
+    def _run_script(self, max_wait: float, bulk: bool, heartbeat_only: bool) -> tuple[int, float] | None:
+        assert self.redis is not None and self._script is not None
+        self._start_heartbeat()
+        with self._lock:
+            now = self._now()
+            # After an outage, write back every own grant still in the window: Redis may have
+            # restarted empty. If it did not, they count twice for a while: conservative.
+            merging = [stamp for stamp in self._own if stamp > now - self.window] if self._remerge else self._unmerged
+            self._unmerged, remerge = [], self._remerge
+            # For a horizon after an outage, the fleet known before it still counts.
+            recent_outage = remerge or now - self._recovered_at < FLEET_HORIZON_SECONDS
+            remembered_fleet = self._fleet if recent_outage else 0
+        keys = [self.redis.key(name) for name in ("admission", "backoff", "fleet", "live")]
+        args: list[Any] = [
+            self.per_minute, self.window, max_wait, int(bulk), self.live_reserve, self.process_id,
+            HEARTBEAT_TIMEOUT_SECONDS, FLEET_HORIZON_SECONDS, int(heartbeat_only),
+            f"{self.process_id}:{secrets.token_hex(4)}", remembered_fleet,
+            *(f"{now - stamp:.6f}" for stamp in merging),
+        ]  # fmt: skip
         script: Any = self._script
         try:
-            granted, wait = self.redis.run(
-                lambda client: script(
-                    keys=keys, args=[rate, capacity, max_wait, capacity if self.start_full else 0], client=client
-                )
-            )
+            granted, wait, fleet, used = self.redis.run(lambda client: script(keys=keys, args=args, client=client))
         except RedisUnavailable:
+            with self._lock:
+                if not remerge:
+                    self._unmerged = merging + self._unmerged
+                self._remerge = True
             return None
+        with self._lock:
+            if self._remerge:
+                self._recovered_at = self._now()
+            self._remerge = False
+            self._last_shared = self._now()
+            self._fleet = max(1, int(fleet))
+            self._used = int(used)
+            self._fallback = None
         return int(granted), float(wait)
+
+    # -- cut off from Redis ----------------------------------------------------------------
+
+    def _fallback_window(self) -> SlidingWindow | None:
+        """This process's share while Redis is away, once it is safe to use; else None."""
+        silent_for = self._now() - self._last_shared
+        if silent_for < self.window + HEARTBEAT_TIMEOUT_SECONDS or silent_for > FLEET_HORIZON_SECONDS:
+            return None
+        with self._lock:
+            if self._fallback is None:
+                self._fallback = SlidingWindow(self.per_minute // max(self._fleet, self.min_fleet), self.window,
+                                               self._clock)  # fmt: skip
+            return self._fallback
+
+    def _fallback_retry_after(self) -> float:
+        silent_for = self._now() - self._last_shared
+        if silent_for > FLEET_HORIZON_SECONDS:
+            return self.window
+        return max(1.0, self.window + HEARTBEAT_TIMEOUT_SECONDS - silent_for)
+
+    def _start_heartbeat(self) -> None:
+        """Keep this process counted in the fleet while it is idle (one daemon thread)."""
+        if self._heartbeat is None:
+            with self._lock:
+                if self._heartbeat is None:
+                    self._heartbeat = threading.Thread(target=self._beat, name="budget-heartbeat", daemon=True)
+                    self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._closed.wait(HEARTBEAT_TIMEOUT_SECONDS / 3):
+            try:
+                self._run_script(0.0, False, heartbeat_only=True)
+            except Exception:  # never let the heartbeat die
+                log.exception("budget heartbeat failed")
+
+    # -- 429s and reporting --------------------------------------------------------------
 
     def back_off(self, seconds: float) -> None:
         """Stop calling Amplitude for *seconds*, in every process sharing Redis."""
-        self._backoff_until = max(self._backoff_until, self._clock() + seconds)
+        self._backoff_until = max(self._backoff_until, self._now() + seconds)
         log.warning("Amplitude answered 429: pausing upstream calls for %.0f s", seconds)
         if self.redis is not None:
             key = self.redis.key("backoff")
@@ -172,57 +323,51 @@ class UpstreamBudget:
             except RedisUnavailable:
                 pass
 
-    def _turn_away(self, retry_after: float) -> NoReturn:
-        self.turned_away += 1
-        raise RateLimited(retry_after=retry_after)
+    def _turn_away(self, seconds: float) -> NoReturn:
+        raise _NoSlot(seconds)
+
+    def used(self) -> int:
+        """Calls granted in the trailing window (the shared log's count when Redis answers)."""
+        if self.redis is not None and self._fallback is None:
+            return self._used
+        window = self._local if self.redis is None else self._fallback
+        return window.used() if window is not None else 0
 
     def tokens_left(self) -> float:
-        """Tokens available now (this process's bucket, or the shared one when Redis answers)."""
-        if self.redis is not None:
-            key = self.redis.key(self.name)
-            try:
-                tokens = self.redis.run(lambda client: client.hget(key, "tokens"))
-                return float(tokens) if tokens is not None else 0.0
-            except RedisUnavailable:
-                pass
-        return self.local.tokens
+        """Slots still free in the trailing window."""
+        limit = self._local.limit if self.redis is None else self.per_minute
+        return float(max(0, limit - self.used()))
 
 
 class CallerMissCaps:
-    """A per-caller-key budget of upstream misses, so one key cannot spend everyone's budget.
+    """A per-caller-key cap on upstream misses, so one key cannot spend everyone's budget.
 
-    A stream of random ids from one key (a leaked key, a broken template) is refused
-    once that key's share is spent, while other callers keep theirs.
+    Off unless ``CALLER_MISS_LIMIT_PER_MINUTE`` is set. Each process holds its share of
+    the cap (an abuse guard, not the budget: the budget above is the exact one).
     """
 
-    def __init__(
-        self,
-        per_minute: int,
-        shares: int,
-        redis_tier: RedisTier | None = None,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
+    def __init__(self, per_minute: int | None, shares: int, window: float, clock: Clock = SYSTEM_CLOCK) -> None:
         self.per_minute = per_minute
-        self.shares = shares
-        self.redis = redis_tier
+        self.shares = max(1, shares)
+        self.window = window
         self._clock = clock
-        self._caps: dict[str, UpstreamBudget] = {}
+        self._caps: dict[str, SlidingWindow] = {}
         self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self.per_minute is not None
 
     def spend(self, caller: str) -> None:
         """Take one miss from *caller*'s allowance.
 
-        :raises RateLimited: the caller's allowance for this minute is spent.
+        :raises RateLimited: the caller's allowance for this window is spent.
         """
+        if self.per_minute is None:
+            return
         with self._lock:
             cap = self._caps.get(caller)
             if cap is None:
-                cap = self._caps[caller] = UpstreamBudget(
-                    self.per_minute,
-                    self.shares,
-                    self.redis,
-                    clock=self._clock,
-                    name=f"caller:{caller}",
-                    start_full=True,
-                )
-        cap.acquire(0.0)
+                cap = self._caps[caller] = SlidingWindow(max(1, self.per_minute // self.shares), self.window,
+                                                         self._clock)  # fmt: skip
+        if cap.reserve(0.0) is None:
+            raise RateLimited(retry_after=cap.seconds_until_slot())

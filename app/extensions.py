@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.admission import Admission
+from app.braze_health import BrazeFailureWatch
 from app.budget import CallerMissCaps, UpstreamBudget
 from app.clock import SYSTEM_CLOCK, Clock
 from app.core.breaker import CircuitBreaker
@@ -38,6 +39,7 @@ class ProxyExtensions:
     metrics: Metrics
     allowlist: NetworkAllowlist
     failure_brake: FailureBrake
+    braze_watch: BrazeFailureWatch
     openapi: dict[str, Any] | None = None
 
     @classmethod
@@ -45,8 +47,14 @@ class ProxyExtensions:
         redis_tier = (
             RedisTier(settings.redis_url, settings.redis_timeout_seconds, clock=clock) if settings.redis_url else None
         )
+        window = settings.admission_window_seconds
         budget = UpstreamBudget(
-            settings.upstream_rate_limit_per_minute, settings.upstream_budget_shares, redis_tier, clock=clock
+            settings.upstream_rate_limit_per_minute,
+            settings.upstream_budget_shares,
+            redis_tier,
+            clock=clock,
+            window=window,
+            live_reserve=settings.live_reserve,
         )
         breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, clock=clock)
         # A claim outlives the longest call it covers, so it is never released by expiry mid-call.
@@ -56,9 +64,11 @@ class ProxyExtensions:
         )
         metrics = Metrics()
         caller_caps = CallerMissCaps(
-            settings.caller_miss_limit, settings.upstream_budget_shares, redis_tier, clock=clock
+            settings.caller_miss_limit_per_minute, settings.upstream_budget_shares, window, clock=clock
         )
-        admission = Admission(breaker, budget, caller_caps, metrics, clock, settings.budget_max_wait_seconds)
+        admission = Admission(
+            breaker, budget, caller_caps, metrics, clock, settings.budget_max_wait_seconds, settings.bulk_callers
+        )
         profiles = ProfileLookup(
             store,
             admission,
@@ -81,9 +91,13 @@ class ProxyExtensions:
             metrics=metrics,
             allowlist=NetworkAllowlist(parse_networks(settings.allowed_cidrs)),
             failure_brake=FailureBrake(settings.auth_failure_limit_per_minute, clock=clock),
+            braze_watch=BrazeFailureWatch(
+                metrics, clock, settings.braze_failure_warn_share, settings.braze_failure_warn_min
+            ),
         )
 
     def close(self) -> None:
+        self.budget.close()
         self.profiles.close()
         if self.redis is not None:
             self.redis.close()

@@ -96,6 +96,9 @@ class ProfileLookup:
         :raises RetryableError: no usable data and no upstream answer in time.
         :raises UpstreamMisconfigured: Amplitude rejects the service's key.
         """
+        if query.identity.never_stored:
+            _note(trace, "never_stored")
+            raise UserNotFound()
         view = self.store.read(query)
         decision = decide(view.entry, view.negative, self.clock.time(), self.freshness)
         if decision.action is Action.SERVE:
@@ -183,8 +186,8 @@ class ProfileLookup:
                 self.store.abandon(claim)
                 return stored
         try:
-            with self.admission.slot(caller, requester):
-                profile = self.client.fetch(query, call_deadline)
+            with self.admission.slot(caller, requester) as send_by:
+                profile = self.client.fetch(query, call_deadline, send_by)
         except UserNotFound:
             return self.store.publish(claim, None)
         except ApiError as exc:

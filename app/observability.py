@@ -145,10 +145,12 @@ class Metrics:
             "proxy_request_duration_seconds", "Time to answer a request, by route template.", ["route"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0), registry=reg,
         )  # fmt: skip
-        self.cache = Counter("proxy_cache_lookups", "Cache outcomes: hit, miss, stale, negative.", ["outcome"],
+        self.cache = Counter("proxy_cache_lookups", "Cache outcomes: hit, miss, stale, negative, never_stored.",
+                             ["outcome"],
                              registry=reg)  # fmt: skip
         self.upstream = Counter(
-            "proxy_upstream_calls", "Amplitude calls by outcome: ok, not_found, throttled, misconfigured, failed.",
+            "proxy_upstream_calls",
+            "Amplitude calls by outcome: ok, not_found, throttled, misconfigured, failed, not_sent.",
             ["outcome"], registry=reg,
         )  # fmt: skip
         self.upstream_latency = Histogram(
@@ -156,13 +158,30 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), registry=reg,
         )  # fmt: skip
         self.turned_away = Counter("proxy_budget_turned_away", "Requests answered without an upstream call for "
-                                   "lack of a budget token (or during a 429 back-off).", registry=reg)  # fmt: skip
-        self.budget_tokens = Gauge("proxy_budget_tokens", "Upstream budget tokens available now.",
+                                   "lack of a budget slot (or during a 429 back-off), by caller class: live, bulk.",
+                                   ["class"], registry=reg)  # fmt: skip
+        self.budget_granted = Counter("proxy_budget_granted", "Upstream calls admitted, by caller class: live, "
+                                      "bulk (BULK_CALLERS and background refreshes).", ["class"],
+                                      registry=reg)  # fmt: skip
+        self.budget_wait = Histogram("proxy_budget_wait_seconds", "Time an admitted call waited for its slot.",
+                                     buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0), registry=reg)  # fmt: skip
+        self.budget_tokens = Gauge("proxy_budget_tokens", "Upstream calls still free in the trailing window.",
                                    multiprocess_mode="mostrecent", registry=reg)  # fmt: skip
+        self.budget_utilization = Gauge("proxy_budget_utilization", "Share of UPSTREAM_RATE_LIMIT_PER_MINUTE used "
+                                        "in the trailing window (0 to 1).", multiprocess_mode="mostrecent",
+                                        registry=reg)  # fmt: skip
         self.circuit = Gauge("proxy_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
                              multiprocess_mode="max", registry=reg)  # fmt: skip
         self.redis_up = Gauge("proxy_redis_available", "1 when Redis answers, 0 when not, -1 when not configured.",
                               multiprocess_mode="min", registry=reg)  # fmt: skip
+        self.braze_answers = Gauge("proxy_braze_answers_last_minute", "Answers in the trailing minute.",
+                                   multiprocess_mode="livesum", registry=reg)  # fmt: skip
+        self.braze_failures = Gauge("proxy_braze_failures_last_minute", "Answers in the trailing minute that Braze "
+                                    "counts as failures (408, 429, 502, 503, 504, 529).",
+                                    multiprocess_mode="livesum", registry=reg)  # fmt: skip
+        self.braze_failure_share = Gauge("proxy_braze_failure_share", "Share of the trailing minute's answers Braze "
+                                         "counts as failures (the worst worker; Braze acts past 3,000 and 0.9).",
+                                         multiprocess_mode="max", registry=reg)  # fmt: skip
         self.auth_failures = Counter("proxy_auth_failures", "Requests refused for missing or wrong credentials.",
                                      ["reason"], registry=reg)  # fmt: skip
 

@@ -17,6 +17,9 @@ from app import braze_ranges
 #: Fields whose values are secrets: never shown by ``repr`` or in an error.
 SECRET_FIELDS = frozenset({"amplitude_secret_key", "caller_keys", "admin_keys"})
 
+#: An admitted call that cannot start within this time of its slot is not sent at all.
+SEND_ALLOWANCE_SECONDS = 0.1
+
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -69,6 +72,11 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     auth_failure_limit_per_minute: int = 20
     caller_miss_limit_per_minute: int | None = None
+    bulk_callers: tuple[str, ...] = ()
+    live_reserve_percent: float = 1.0
+    recommendations_fetch: str = "with_profile"
+    braze_failure_warn_share: float = 0.5
+    braze_failure_warn_min: int = 300
     demo_mode: bool = False
     log_level: str = "INFO"
     access_log: bool = True
@@ -87,11 +95,16 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
     @property
-    def caller_miss_limit(self) -> int:
-        """Upstream misses one caller key may cause per minute (default: 90% of the budget)."""
-        if self.caller_miss_limit_per_minute is not None:
-            return self.caller_miss_limit_per_minute
-        return max(1, int(self.upstream_rate_limit_per_minute * 0.9))
+    def admission_window_seconds(self) -> float:
+        """The window grants are counted in: 60 s, plus the time within which an admitted call
+        reaches Amplitude or is never sent (it must start within ``SEND_ALLOWANCE_SECONDS`` of
+        its slot and connect within the connect timeout), so Amplitude's 60 s never sees more."""
+        return 60.0 + SEND_ALLOWANCE_SECONDS + self.upstream_connect_timeout
+
+    @property
+    def live_reserve(self) -> int:
+        """Slots per window kept free for live traffic while bulk work runs (at least one)."""
+        return max(1, round(self.upstream_rate_limit_per_minute * self.live_reserve_percent / 100))
 
     @property
     def upstream_profile_url(self) -> str:
@@ -226,11 +239,23 @@ class SettingsSchema(Schema):
     AUTH_FAILURE_LIMIT_PER_MINUTE = _count(20, minimum=0)
     CALLER_MISS_LIMIT_PER_MINUTE = mf.Integer(load_default=None, allow_none=True, strict=False,
                                               validate=Range(min=1))  # fmt: skip
+    BULK_CALLERS = CommaList(load_default=())
+    LIVE_RESERVE_PERCENT = mf.Float(load_default=1.0, validate=Range(min=0, max=50))
+    RECOMMENDATIONS_FETCH = mf.String(load_default="with_profile", validate=OneOf(["with_profile", "when_asked"]))
+    BRAZE_FAILURE_WARN_SHARE = mf.Float(load_default=0.5, validate=Range(min=0.01, max=1.0))
+    BRAZE_FAILURE_WARN_MIN = _count(300, minimum=1)
     DEMO_MODE = mf.Boolean(load_default=False)
     LOG_LEVEL = mf.String(load_default="INFO", validate=OneOf(["DEBUG", "INFO", "WARNING", "ERROR"]))
     ACCESS_LOG = mf.Boolean(load_default=True)
     LOG_USER_IDS = mf.Boolean(load_default=False)
     PREVIEW_PAGE = mf.Boolean(load_default=False)
+
+    @validates_schema
+    def _check_bulk_callers(self, data: dict[str, Any], **kwargs: Any) -> None:
+        names = {key.name for key in data.get("PROXY_API_KEYS") or ()}
+        unknown = [name for name in data.get("BULK_CALLERS") or () if name not in names]
+        if unknown:
+            raise ValidationError(f"names no key in PROXY_API_KEYS: {', '.join(sorted(unknown))}", "BULK_CALLERS")
 
     @validates_schema
     def _check_combinations(self, data: dict[str, Any], **kwargs: Any) -> None:

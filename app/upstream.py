@@ -99,14 +99,19 @@ class AmplitudeClient:
     def close(self) -> None:
         self.session.close()
 
-    def fetch(self, query: ProfileQuery, deadline: Deadline) -> dict[str, Any]:
+    def fetch(self, query: ProfileQuery, deadline: Deadline, send_by: float | None = None) -> dict[str, Any]:
         """Return the kept profile for *query*, giving up at *deadline*.
+
+        *send_by* (monotonic): the call is not sent at all if it cannot start by then, so
+        it reaches Amplitude within the admission window it was counted in.
 
         :raises UserNotFound: Amplitude has not seen the identity.
         :raises UpstreamMisconfigured: the key or URL is wrong (401, redirect).
         :raises UpstreamThrottled: Amplitude answered 429.
         :raises UpstreamUnavailable: timeout, connection error, 5xx or an undocumented body.
         """
+        if send_by is not None and deadline.clock.monotonic() > send_by:
+            raise RateLimited("the admitted slot passed before the call could leave", retry_after=1)
         status, headers, body = self._get(query, deadline)
         return self._interpret(query, status, headers, body)
 

@@ -445,15 +445,16 @@ def _campaign_section(out: list[str], campaign: dict[str, Any]) -> None:
     )
     add("")
     add(
-        "| send | target | recipients | upstream calls / recipient | personalised | fallback | would be retried "
-        "(non-2XX) | recommendation renders empty | p50 ms | p99 ms | upstream 429s |"
+        "| send | target | recipients | upstream calls / recipient | limit used (busiest 60 s) | personalised | "
+        "fallback | would be retried (non-2XX) | recommendation renders empty | p50 ms | p99 ms | upstream 429s |"
     )
-    add("|---|---|---|---|---|---|---|---|---|---|---|")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for send in campaign["sends"]:
         n = max(1, send["recipients"])
         mode = f"{send['mode']} ({campaign['rate_per_minute']}/min)" if send["mode"] == "paced" else "blast"
         add(
             f"| {mode} | {send['target']} | {send['recipients']:,} | {send['upstream_calls_per_recipient']:.2f} | "
+            f"{100 * send.get('limit_utilization', 0):.0f} % | "
             f"{send['personalised']:,} ({100 * send['personalised'] / n:.0f} %) | "
             f"{send['fallback']:,} ({100 * send['fallback'] / n:.0f} %) | "
             f"{send['retried']:,} ({100 * send['retried'] / n:.0f} %) | "

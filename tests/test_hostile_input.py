@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from app.core.query import Identity
 from simulator import data
 from tests.conftest import BRAZE_KEY
 
@@ -355,6 +356,10 @@ def test_any_id_is_refused_or_passed_through_exactly(service, sim, identity, kin
         return
     if _must_accept(identity):
         assert answer.status in (200, 404), answer
+    if Identity(id_field, identity).never_stored:
+        # An id Amplitude refuses to store: not found, with no call and no budget spent.
+        assert (answer.status, body["error"], calls) == (404, "user_not_found", 0), answer
+        return
     if answer.status == 404:
         known_missing = identity.startswith("unknown") or (
             route.startswith("recommendations") and identity.startswith(("new-", "inactive-"))

@@ -90,7 +90,7 @@ def test_metrics_count_requests_cache_and_upstream(service, sim):
 def test_metrics_count_requests_turned_away(make_service):
     service = make_service(UPSTREAM_RATE_LIMIT_PER_MINUTE=30, BUDGET_MAX_WAIT_SECONDS=0)
     assert service.get("/v1/users/user-t1/cohorts").status_code == 503
-    assert "proxy_budget_turned_away_total 1.0" in service.get("/metrics").text
+    assert 'proxy_budget_turned_away_total{class="live"} 1.0' in service.get("/metrics").text
 
 
 def test_metrics_need_a_key(service):

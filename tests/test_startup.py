@@ -31,6 +31,9 @@ GOOD = {"AMPLITUDE_SECRET_KEY": "amp-secret-123", "PROXY_API_KEYS": "braze:calle
         ({"REQUEST_DEADLINE_SECONDS": "5"}, "REQUEST_DEADLINE_SECONDS"),
         ({"REDIS_URL": "http://redis"}, "REDIS_URL"),
         ({"PORT": "70000"}, "PORT"),
+        ({"BULK_CALLERS": "warm"}, "BULK_CALLERS"),  # names no caller key
+        ({"RECOMMENDATIONS_FETCH": "never"}, "RECOMMENDATIONS_FETCH"),
+        ({"LIVE_RESERVE_PERCENT": "80"}, "LIVE_RESERVE_PERCENT"),
     ],
 )
 def test_bad_settings_name_the_variable_and_not_the_value(overrides, variable):

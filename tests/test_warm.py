@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,7 +149,8 @@ def test_budget_limited_service_pauses_the_warm_up_and_amplitude_sees_no_more(ma
     assert sim.calls == 4
     assert sim.count_by_status().get(429, 0) == 0
     # The budget starts empty and refills at ~1/s: the service answered 503 + Retry-After and we waited.
-    assert service.extensions.budget.turned_away > 0
+    turned_away = re.search(r'proxy_budget_turned_away_total\{class="live"\} (\d+)', service.get("/metrics").text)
+    assert turned_away and int(turned_away.group(1)) > 0
     assert time.monotonic() - started > 3
 
 

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from app.settings import Settings
 
 KINDS = {"users": "user_id", "devices": "device_id"}
+
+#: Identities Amplitude's ingestion refuses (HTTP V2 API documentation, "Invalid IDs"),
+#: compared trimmed and case-insensitively: no profile can exist under them. Braze renders
+#: such values when a template reads a missing attribute.
+NEVER_STORED = frozenset(
+    {"", '""', "anonymous", "nil", "none", "null", "n/a", "na", "undefined", "unknown",
+     "00000000-0000-0000-0000-000000000000", "{}", "lmy47d", "0", "-1"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +25,11 @@ class Identity:
 
     id_field: str
     value: str
+
+    @property
+    def never_stored(self) -> bool:
+        """Whether Amplitude refuses this value as an identity, so asking would only spend budget."""
+        return self.value.strip().lower() in NEVER_STORED
 
     @property
     def cache_token(self) -> str:
@@ -87,8 +100,11 @@ class QueryPlanner:
         self.rec_ids = tuple(sorted(settings.profile_rec_ids))
         self.prediction_ids = tuple(sorted(settings.profile_prediction_ids))
         self.propensity_type = settings.profile_propensity_type
+        # Amplitude logs a recommendation exposure for every call that asks for one.
+        self.recs_with_profile = settings.recommendations_fetch == "with_profile"
 
     def whole(self, identity: Identity) -> ProfileQuery:
+        """Everything configured, recommendations included (the whole-profile and recommendation routes)."""
         return ProfileQuery(
             identity=identity,
             properties=True,
@@ -98,6 +114,12 @@ class QueryPlanner:
             propensity_type=self.propensity_type if self.prediction_ids else None,
         )
 
+    def profile(self, identity: Identity) -> ProfileQuery:
+        """What property, cohort and prediction routes need: the whole profile, or without
+        recommendations when ``RECOMMENDATIONS_FETCH=when_asked`` (no exposure logged)."""
+        whole = self.whole(identity)
+        return whole if self.recs_with_profile else replace(whole, rec_ids=())
+
     def recommendations(self, identity: Identity, rec_ids: tuple[str, ...], rec_type: str | None) -> ProfileQuery:
         if rec_type is None and set(rec_ids) <= set(self.rec_ids):
             return self.whole(identity)
@@ -105,7 +127,7 @@ class QueryPlanner:
 
     def prediction(self, identity: Identity, prediction_id: str, propensity_type: str) -> ProfileQuery:
         if propensity_type == self.propensity_type and prediction_id in self.prediction_ids:
-            return self.whole(identity)
+            return self.profile(identity)
         return ProfileQuery(identity=identity, prediction_ids=(prediction_id,), propensity_type=propensity_type)
 
 

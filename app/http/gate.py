@@ -118,6 +118,7 @@ def finish(response: Response) -> Response:
         return response
     headers["X-Request-ID"] = trace.request_id
     extensions = trace.extensions
+    extensions.braze_watch.record(response.status_code)
     rule = request.url_rule
     route = route_template(rule.rule if rule is not None else "unmatched")
     settings = extensions.settings

@@ -60,7 +60,13 @@ def metrics(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     ACCESS_LOG.flush()  # counts queued by this process's requests so far
     metrics = extensions.metrics
     metrics.circuit.set(CIRCUIT_STATES[extensions.breaker.state])
-    metrics.budget_tokens.set(extensions.budget.tokens_left())
+    budget = extensions.budget
+    metrics.budget_tokens.set(budget.tokens_left())
+    metrics.budget_utilization.set(budget.used() / budget.per_minute)
+    answers, failures = extensions.braze_watch.last_minute()
+    metrics.braze_answers.set(answers)
+    metrics.braze_failures.set(failures)
+    metrics.braze_failure_share.set(failures / answers if answers else 0.0)
     redis = extensions.redis
     metrics.redis_up.set(-1 if redis is None else int(redis.healthy))
     body, content_type = metrics.render()

@@ -129,7 +129,7 @@ def recommendations(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
 )  # fmt: skip
 def properties(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     keys = args.get("keys")
-    lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
+    lookup = _lookup(trace, trace.extensions.planner.profile(trace.identity))
     props = lookup.profile["properties"]
     if keys is not None:
         props = {key: props.get(key) for key in keys}
@@ -139,7 +139,7 @@ def properties(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
 @route(v1, "/properties/<name>", summary="One property", response=schemas.PropertyResponse)
 def property_value(trace: RequestTrace, args: Mapping[str, Any], name: str) -> Response:
     """`value` is null when the user lacks it."""
-    lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
+    lookup = _lookup(trace, trace.extensions.planner.profile(trace.identity))
     value = lookup.profile["properties"].get(name)
     return _respond({trace.identity.id_field: trace.identity.value, "name": name, "value": value}, lookup)
 
@@ -147,7 +147,7 @@ def property_value(trace: RequestTrace, args: Mapping[str, Any], name: str) -> R
 @route(v1, "/cohorts", summary="Cohorts", response=schemas.CohortsResponse)
 def cohorts(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     """Ids of the tracked cohorts the user is in."""
-    lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
+    lookup = _lookup(trace, trace.extensions.planner.profile(trace.identity))
     cohort_ids = lookup.profile["cohort_ids"]
     body = {trace.identity.id_field: trace.identity.value, "cohort_ids": cohort_ids, "count": len(cohort_ids)}
     return _respond(body, lookup)
@@ -156,7 +156,7 @@ def cohorts(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
 @route(v1, "/cohorts/<cohort_id>", summary="Cohort membership", response=schemas.CohortMembershipResponse)
 def cohort_membership(trace: RequestTrace, args: Mapping[str, Any], cohort_id: str) -> Response:
     """Whether the user is in it."""
-    lookup = _lookup(trace, trace.extensions.planner.whole(trace.identity))
+    lookup = _lookup(trace, trace.extensions.planner.profile(trace.identity))
     member = cohort_id in lookup.profile["cohort_ids"]
     return _respond({trace.identity.id_field: trace.identity.value, "cohort_id": cohort_id, "member": member}, lookup)
 

@@ -267,6 +267,8 @@ def summarise(sent: SendResult, sim_stats: dict[str, Any], calls_before: int) ->
         "upstream_429": by_status.get("429", 0),
         "upstream_by_status": by_status,
         "upstream_max_in_60s": int(sim_stats["max_in_60s"]),
+        # How much of the limit the busiest minute used: the service should use it all, never more.
+        "limit_utilization": int(sim_stats["max_in_60s"]) / UPSTREAM_LIMIT,
         "personalised": sent.outcomes["personalised"],
         "fallback": sent.outcomes["fallback"],
         "retried": sent.outcomes["retried"],
@@ -307,6 +309,7 @@ def run(opts: Options) -> dict[str, Any]:
                 log(
                     f"campaign: {mode:<5} {target:<7} {row['recipients']:6d} recipients in {row['seconds']:5.1f} s: "
                     f"{row['upstream_calls_per_recipient']:.2f} upstream calls/recipient, "
+                    f"{100 * row['limit_utilization']:.0f}% of the limit in the busiest minute, "
                     f"personalised {row['personalised']}, fallback {row['fallback']}, retried {row['retried']}, "
                     f"429s {row['upstream_429']}, p99 {row['p99_ms']:.0f} ms"
                 )

@@ -32,7 +32,7 @@ class FakeAmplitude:
         self.gate = threading.Event()
         self.gate.set()
 
-    def fetch(self, query: ProfileQuery, deadline: Deadline) -> dict[str, Any]:
+    def fetch(self, query: ProfileQuery, deadline: Deadline, send_by: float | None = None) -> dict[str, Any]:
         self.calls += 1
         self.gate.wait(5)
         if self.failure is not None:
