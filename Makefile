@@ -36,11 +36,13 @@ run: install
 run-prod: install system-deps
 	./scripts/run-prod.sh
 
+# Four pytest workers (pytest-xdist): most tests wait on sockets and clocks, not the CPU,
+# and the minute-long budget soaks run beside the rest instead of after it.
 test: install system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -n 4 --dist worksteal
 
 test-fast: install system-deps
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 4 --dist worksteal -m "not slow"
 
 # The unit layer alone: pure logic on a fake clock, no sockets, no sleeps (seconds).
 test-unit: install

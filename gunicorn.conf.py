@@ -31,6 +31,9 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or ((os.cpu_count() or 1) if _sh
 threads = int(os.environ.get("GUNICORN_THREADS") or 32)
 # gthread, answering the requests gunicorn refuses itself (malformed, over-long) with JSON.
 worker_class = "app.http.worker.JsonErrorThreadWorker"
+# No runtime control socket: nothing here uses it, and every master on a host would share
+# one default path (~/.gunicorn/gunicorn.ctl). Older gunicorns ignore the setting.
+control_socket_disable = True
 # Each process gets limit / workers of the upstream budget when Redis is not there
 # (and as a fallback when it is down). Several instances without Redis: set
 # UPSTREAM_BUDGET_SHARES to the total number of worker processes across all of them.

@@ -239,7 +239,8 @@ class UpstreamBudget:
         return wait
 
     def _run_script(self, max_wait: float, bulk: bool, heartbeat_only: bool) -> tuple[int, float] | None:
-        assert self.redis is not None and self._script is not None
+        if self.redis is None or self._script is None:
+            return None
         self._start_heartbeat()
         with self._lock:
             now = self._now()

@@ -131,7 +131,8 @@ class ProfileLookup:
         return self._answer(entry, MISS, trace)
 
     def _answer(self, entry: Entry | None, cache: str, trace: RequestTrace | None, **kwargs: Any) -> Lookup:
-        assert entry is not None
+        if entry is None:  # decide() always names the entry it serves
+            raise RuntimeError("a decision to serve came without an entry")
         if cache != MISS:  # a miss was noted when it happened
             _note(trace, cache.lower())
         now = self.clock.time()

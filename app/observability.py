@@ -60,6 +60,17 @@ _ID_PREFIX = secrets.token_hex(8)
 _ID_COUNTER = itertools.count(1)
 
 
+def _new_id_prefix() -> None:
+    """A fresh prefix in every forked process: gunicorn's workers import this module in the
+    master first, and must not hand out each other's request ids."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = secrets.token_hex(8)
+    _ID_COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def request_id_from(header: str | None) -> str:
     """Honour a sane incoming ``X-Request-ID``; otherwise make one.
 

@@ -140,3 +140,12 @@ def test_graceful_shutdown_finishes_in_flight_requests(gunicorn_service, sim):
         pass
     else:
         raise AssertionError("the server still accepts connections after shutdown")
+
+
+def test_request_ids_are_unique_across_gunicorn_workers(gunicorn_service, sim):
+    service = gunicorn_service(WEB_CONCURRENCY=2)
+    ids = [
+        requests.get(service.url + "/healthz", headers={"Connection": "close"}, timeout=5).headers["X-Request-ID"]
+        for _ in range(40)
+    ]
+    assert len(set(ids)) == len(ids)

@@ -95,6 +95,7 @@ class ProfileStore:
         self._l1: TLRUCache[str, Entry] = TLRUCache(maxsize=max_entries, ttu=_time_to_use, timer=clock.time)
         self._lock = threading.Lock()
         self._claim_ttl_ms = str(int(claim_ttl * 1000))
+        self._prefix = redis_tier.prefix if redis_tier is not None else ""
         if redis_tier is not None:
             self._claim = redis_tier.script(_CLAIM_LUA)
             self._publish = redis_tier.script(_PUBLISH_LUA)
@@ -221,8 +222,8 @@ class ProfileStore:
     # -- internals -------------------------------------------------------------------
 
     def _key(self, *parts: str) -> str:
-        assert self.redis is not None
-        return self.redis.key("p", *parts) if len(parts) == 1 else self.redis.key(*parts)
+        """``PREFIX:p:KEY`` for a stored answer, ``PREFIX:lock:KEY`` and the like for the rest."""
+        return ":".join((self._prefix, "p", *parts) if len(parts) == 1 else (self._prefix, *parts))
 
     def _store_local(self, key: str, entry: Entry) -> None:
         with self._lock:
