@@ -11,6 +11,7 @@ from flask import Flask
 from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import register_error_handlers
 from app.extensions import ProxyExtensions
+from app.http.arrival import ArrivalStamp
 from app.http.forwarded import TrustedForwardedFor
 from app.http.gate import register_gate
 from app.http.middleware import RawPathMiddleware
@@ -53,7 +54,8 @@ def create_app(
         # X-Forwarded-For counts only from FORWARDED_ALLOW_IPS, and only the entries the
         # trusted proxies appended: a client's own entries sit further left and are ignored.
         wsgi = TrustedForwardedFor(wsgi, parse_networks(settings.forwarded_allow_ips), settings.trusted_proxy_count)
-    app.wsgi_app = RawPathMiddleware(wsgi, clock)  # type: ignore[method-assign]
+    arrival = ArrivalStamp(clock, parse_networks(settings.forwarded_allow_ips))
+    app.wsgi_app = RawPathMiddleware(wsgi, arrival)  # type: ignore[method-assign]
     if settings.demo_mode:
         log.warning("DEMO MODE: serving simulated Amplitude data from %s", settings.amplitude_api_url)
     return app

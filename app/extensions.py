@@ -76,6 +76,7 @@ class ProxyExtensions:
             clock,
             call_seconds=settings.request_deadline_seconds,
             concurrency=settings.upstream_concurrency,
+            max_waiting=settings.upstream_max_waiting,
         )
         return cls(
             settings=settings,

@@ -39,6 +39,10 @@ HIT, MISS, STALE = "HIT", "MISS", "STALE"
 #: How often a flight waiting on another process's call looks in Redis.
 SHARED_POLL_SECONDS = 0.02
 
+#: A miss with less than this left of its deadline starts no upstream work: it has waited
+#: (queued for a thread, most likely) past the point where an answer could still come.
+LATE_SECONDS = 0.5
+
 
 @dataclass(slots=True)
 class Lookup:
@@ -71,6 +75,7 @@ class ProfileLookup:
         clock: Clock,
         call_seconds: float,
         concurrency: int,
+        max_waiting: int | None = None,
     ) -> None:
         self.store = store
         self.freshness: Freshness = store.freshness
@@ -81,6 +86,9 @@ class ProfileLookup:
         self._flights: dict[str, Future[Entry]] = {}
         self._flights_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upstream")
+        # Request threads that may wait on an upstream answer at once: fewer than the
+        # server's threads, so a cached answer always finds a thread.
+        self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -111,8 +119,15 @@ class ProfileLookup:
             return self._answer(decision.entry, STALE, trace)
         _note(trace, "miss")
         started = self.clock.monotonic()
+        waiting = False
         try:
-            flight = self._join_flight(query, deadline, trace.caller if trace else None)
+            if self._waiting is not None and not self._waiting.acquire(blocking=False):
+                raise UpstreamUnavailable("too many requests are waiting on Amplitude; retry later", retry_after=1)
+            waiting = self._waiting is not None
+            late = deadline.remaining() < LATE_SECONDS
+            flight = self._join_flight(query, deadline, trace.caller if trace else None, start=not late)
+            if flight is None:
+                raise UpstreamUnavailable("the request waited too long to start a call to Amplitude", retry_after=1)
             entry = flight.result(timeout=deadline.remaining())
         except FutureTimeout:
             error: ApiError = UpstreamUnavailable("no answer from Amplitude within the deadline", retry_after=1)
@@ -124,6 +139,8 @@ class ProfileLookup:
                 raise
             return self._answer(decision.fallback, STALE, trace, degraded_by=exc)
         finally:
+            if waiting and self._waiting is not None:
+                self._waiting.release()
             if trace is not None:
                 trace.upstream_ms += (self.clock.monotonic() - started) * 1000
         if entry.body is None:
@@ -141,8 +158,10 @@ class ProfileLookup:
 
     # -- flights: one upstream call per profile, however many requests want it ----------
 
-    def _join_flight(self, query: ProfileQuery, requester: Deadline | None, caller: str | None) -> Future[Entry]:
-        """The flight for *query* in this process, started if there is none.
+    def _join_flight(
+        self, query: ProfileQuery, requester: Deadline | None, caller: str | None, start: bool = True
+    ) -> Future[Entry] | None:
+        """The flight for *query* in this process, started if there is none (and *start*).
 
         *requester* bounds how long the budget may make the first caller wait; ``None``
         (a background refresh) never waits for a token.
@@ -150,7 +169,7 @@ class ProfileLookup:
         key = query.cache_key
         with self._flights_lock:
             flight = self._flights.get(key)
-            if flight is not None:
+            if flight is not None or not start:
                 return flight
             flight = self._flights[key] = Future()
         self._pool.submit(self._fly, flight, query, requester, caller)

@@ -108,6 +108,10 @@ class _Handler(BaseHTTPRequestHandler):
             answer = api.padded(answer, int(options.get("size_bytes", 5_000_000)))
         if mode == "dribble":
             return self._dribble(sim, answer, float(options.get("interval", 0.2)))
+        if mode == "trickle_headers":
+            return self._trickle_headers(
+                sim, answer, float(options.get("interval", 0.5)), int(options.get("lines", 20))
+            )
         if mode == "truncated":
             return self._write(answer, send=len(answer.body) // 2)
         return self._write(answer)
@@ -159,6 +163,23 @@ class _Handler(BaseHTTPRequestHandler):
                 if sim._wait(interval):
                     break
                 self.wfile.write(answer.body[index : index + 1])
+        except OSError:
+            pass  # the client gave up: that is what the fault is for
+        self.close_connection = True
+
+    def _trickle_headers(self, sim: AmplitudeSimulator, answer: Answer, interval: float, lines: int) -> None:
+        """The status line, then one made-up header line per *interval*, then the answer's own."""
+        self._mark(answer.status)
+        head = self._head(answer)
+        status_line, _, rest = head.partition(b"\r\n")
+        try:
+            self.wfile.write(status_line + b"\r\n")
+            for index in range(lines):
+                if sim._wait(interval):
+                    break
+                self.wfile.write(f"X-Trickle-{index}: x\r\n".encode())
+            else:
+                self.wfile.write(rest + answer.body)
         except OSError:
             pass  # the client gave up: that is what the fault is for
         self.close_connection = True

@@ -21,6 +21,7 @@ FAULT_OPTIONS: dict[str, frozenset[str]] = {
     "slow": frozenset({"seconds"}),
     "hang": frozenset({"seconds"}),
     "dribble": frozenset({"interval"}),
+    "trickle_headers": frozenset({"interval", "lines"}),
     "status": frozenset({"status", "body", "retry_after"}),
     "rate_limited": frozenset({"retry_after"}),
     "reset": frozenset(),

@@ -91,7 +91,9 @@ def make_service(sim: AmplitudeSimulator) -> Iterator[Callable[..., RunningServi
     running: list[RunningService] = []
 
     def build(clock: Clock = SYSTEM_CLOCK, **overrides: Any) -> RunningService:
-        app = create_app(environ=base_env(sim, **overrides), clock=clock)
+        # werkzeug's test server gives every connection a thread of its own: the bound that
+        # keeps gunicorn's threads free for cached answers is lifted unless a test sets it.
+        app = create_app(environ=base_env(sim, **{"UPSTREAM_MAX_WAITING": 1000, **overrides}), clock=clock)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         server.daemon_threads = True  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
-from app.clock import Clock
+from app.http.arrival import ArrivalStamp
 
 WSGIApp = Any
 
@@ -21,15 +21,16 @@ class RawPathMiddleware:
 
     WSGI servers hand Flask a decoded ``PATH_INFO``, in which ``users/a%2Fb/cohorts``
     and ``users/a/b/cohorts`` look the same. Every path value is decoded later, once,
-    by :func:`app.http.params.decode_segment`. The arrival time is kept for the deadline.
+    by :func:`app.http.params.decode_segment`. The arrival time (:mod:`app.http.arrival`)
+    is kept for the deadline.
     """
 
-    def __init__(self, app: WSGIApp, clock: Clock) -> None:
+    def __init__(self, app: WSGIApp, arrival: ArrivalStamp) -> None:
         self.app = app
-        self._now = clock.monotonic
+        self._arrival = arrival
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        environ["profile_proxy.arrival"] = self._now()
+        environ["profile_proxy.arrival"] = self._arrival(environ)
         raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
         if raw:
             path = raw.split("?", 1)[0].split("#", 1)[0]

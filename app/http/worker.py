@@ -10,11 +10,14 @@ object every other error of the service has. ``gunicorn.conf.py`` names it.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import orjson
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
+
+from app.http.arrival import mark_queued
 
 #: Status gunicorn chose → the error code and message the caller gets. The messages are
 #: fixed: gunicorn's own text can quote the refused request, credentials included.
@@ -72,7 +75,16 @@ class _Capture:
 
 
 class JsonErrorThreadWorker(ThreadWorker):
-    """``gthread`` with JSON bodies on the errors gunicorn answers itself."""
+    """``gthread`` with JSON bodies on the errors gunicorn answers itself, and a stamp of
+    when each request was queued for a thread (the service's deadline counts from then)."""
+
+    def enqueue_req(self, conn: Any) -> None:
+        conn.queued_at = time.monotonic()
+        super().enqueue_req(conn)
+
+    def handle(self, conn: Any) -> Any:
+        mark_queued(getattr(conn, "queued_at", None))
+        return super().handle(conn)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         capture = _Capture(client)

@@ -1,0 +1,74 @@
+"""The two-second promise when things are slow: time counts from arrival, hits never wait
+behind misses, and a slow upstream cannot hold a thread past the deadline."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from app.observability import ACCESS_LOG
+from testkit import wait_until
+
+
+def access_lines(capsys) -> list[dict]:
+    ACCESS_LOG.flush()
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"event":"request"' in line]
+
+
+def front_stamp(seconds_ago: float) -> dict[str, str]:
+    """The header nginx adds (``$msec``): when the front received the request."""
+    return {"X-Request-Start": f"t={time.time() - seconds_ago:.3f}"}
+
+
+def test_a_miss_that_already_waited_too_long_starts_no_call(service, sim, capsys):
+    late = service.get("/v1/users/user-late/cohorts", headers=front_stamp(1.2))
+    assert late.status_code == 503 and late.json()["error"] == "upstream_unavailable"
+    assert int(late.headers["Retry-After"]) >= 1
+    fallback = service.get("/v1/users/user-late/recommendations/rec_home?default=a", headers=front_stamp(1.2))
+    assert fallback.status_code == 200 and fallback.json()["fallback"] is True
+    assert sim.calls == 0
+    lines = access_lines(capsys)
+    assert all(line["total_ms"] >= 1200 for line in lines)  # counted from the front's stamp
+
+
+def test_a_cached_answer_is_served_however_long_it_waited(service, sim):
+    assert service.get("/v1/users/user-w1/cohorts").status_code == 200
+    hit = service.get("/v1/users/user-w1/cohorts", headers=front_stamp(1.4))
+    assert hit.status_code == 200 and hit.headers["X-Cache"] == "HIT"
+
+
+def test_the_front_stamp_counts_only_from_a_named_proxy(make_service, sim):
+    service = make_service(FORWARDED_ALLOW_IPS="10.9.9.9")  # not the test client's 127.0.0.1
+    answer = service.get("/v1/users/user-spoof/cohorts", headers=front_stamp(1.2))
+    assert answer.status_code == 200 and sim.calls == 1
+
+
+def test_cached_answers_never_wait_behind_misses(make_service, sim):
+    service = make_service(UPSTREAM_MAX_WAITING=3)
+    assert service.get("/v1/users/user-cached/cohorts").status_code == 200
+    sim.hold()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        waiting = [pool.submit(service.get, f"/v1/users/user-slow{n}/cohorts") for n in range(3)]
+        wait_until(lambda: sim.calls == 4)  # three misses hold the three waiting places
+        turned_away = service.get("/v1/users/user-slow9/cohorts")
+        hit = service.get("/v1/users/user-cached/cohorts")
+        sim.release()
+        assert [answer.result().status_code for answer in waiting] == [200, 200, 200]
+    assert turned_away.status_code == 503 and turned_away.json()["error"] == "upstream_unavailable"
+    assert hit.status_code == 200 and hit.headers["X-Cache"] == "HIT"
+    assert sim.calls == 4
+
+
+def test_an_upstream_that_trickles_its_headers_frees_its_thread_at_the_deadline(make_service, sim, capsys):
+    # Two upstream threads; an answer that sends a header line every 0.4 s for 10 s would
+    # hold both for 10 s if only the per-read timeout bounded it.
+    service = make_service(UPSTREAM_CONCURRENCY=2)
+    sim.set_fault("trickle_headers", interval=0.4, lines=25)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stuck = list(pool.map(service.get, ["/v1/users/user-t1/cohorts", "/v1/users/user-t2/cohorts"]))
+    assert [answer.status_code for answer in stuck] == [503, 503]
+    sim.set_fault("none")
+    healthy = service.get("/v1/users/user-t3/cohorts")
+    assert healthy.status_code == 200 and healthy.headers["X-Cache"] == "MISS"
+    assert max(line["total_ms"] for line in access_lines(capsys)) < 2000

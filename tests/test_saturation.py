@@ -1,0 +1,70 @@
+"""Saturation: a slow upstream, misses flooding in, and the cached answers still quick.
+
+Real gunicorn (one worker, 32 threads), upstream slowed to 1.3 s, 56 clients asking for
+new users and 8 asking for 5 cached users, for 30 s. Bounded in time; loopback only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import BRAZE_KEY
+
+BRAZE_TIMEOUT = 2.0
+HEADERS = {"Authorization": f"Bearer {BRAZE_KEY}"}
+
+
+@pytest.mark.slow
+def test_every_answer_stays_inside_brazes_timeout_and_hits_stay_quick(gunicorn_service, sim):
+    service = gunicorn_service()
+    cached = [f"user-hot{n}" for n in range(5)]
+    for user in cached:
+        assert requests.get(f"{service.url}/v1/users/{user}/cohorts", headers=HEADERS, timeout=5).ok
+    sim.latency_ms = 1300
+    stop_at = time.monotonic() + 30
+    counter = itertools.count()
+    answers: list[tuple[str, float, int, str]] = []  # kind, seconds, status, request id
+    lock = threading.Lock()
+
+    def client(kind: str, n: int) -> None:
+        with requests.Session() as session:
+            while time.monotonic() < stop_at:
+                user = cached[n % 5] if kind == "hit" else f"user-new{next(counter)}"
+                started = time.monotonic()
+                response = session.get(f"{service.url}/v1/users/{user}/cohorts", headers=HEADERS, timeout=10)
+                elapsed = time.monotonic() - started
+                with lock:
+                    answers.append((kind, elapsed, response.status_code, response.headers["X-Request-ID"]))
+                if response.status_code != 200:
+                    time.sleep(0.1)  # Braze backs off too
+
+    threads = [threading.Thread(target=client, args=("miss", n)) for n in range(56)]
+    threads += [threading.Thread(target=client, args=("hit", n)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert max(seconds for _, seconds, _, _ in answers) < BRAZE_TIMEOUT
+    hits = sorted(seconds for kind, seconds, status, _ in answers if kind == "hit")
+    assert all(status == 200 for kind, _, status, _ in answers if kind == "hit")
+    assert len(hits) > 100 and hits[int(len(hits) * 0.99)] < 0.25, hits[-5:]
+    # The service's own durations (from arrival, queue included) tell the same story.
+    logged = {}
+    for line in service.logs().splitlines():
+        if line.startswith('{"time"') and '"event":"request"' in line:
+            record = json.loads(line)
+            logged[record["request_id"]] = record["total_ms"] / 1000
+    gaps = sorted(seconds - logged[rid] for _, seconds, _, rid in answers if rid in logged)
+    assert len(gaps) >= 0.99 * len(answers)
+    # Within 100 ms for all but the tail that is the test client's own 64 Python threads
+    # sharing one interpreter; queueing the log did not see (the old fault) was ~1 s.
+    assert statistics.median(gaps) < 0.05 and gaps[int(len(gaps) * 0.95)] < 0.1, gaps[-5:]
+    assert gaps[-1] < 0.5, gaps[-5:]
