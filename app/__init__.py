@@ -12,6 +12,7 @@ from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import register_error_handlers
 from app.extensions import ProxyExtensions
 from app.http.arrival import ArrivalStamp
+from app.http.edge import CachedHitEdge
 from app.http.forwarded import TrustedForwardedFor
 from app.http.gate import register_gate
 from app.http.middleware import RawPathMiddleware
@@ -50,6 +51,9 @@ def create_app(
 
         register_preview_page(app)
     wsgi = app.wsgi_app
+    if settings.edge_hits:
+        # Fresh cache hits are answered before Flask's dispatch; everything else goes on to it.
+        wsgi = CachedHitEdge(wsgi, app)
     if settings.trusted_proxy_count:
         # X-Forwarded-For counts only from FORWARDED_ALLOW_IPS, and only the entries the
         # trusted proxies appended: a client's own entries sit further left and are ignored.

@@ -41,6 +41,7 @@ class ProxyExtensions:
     failure_brake: FailureBrake
     braze_watch: BrazeFailureWatch
     openapi: dict[str, Any] | None = None
+    edge: Any = None  # the CachedHitEdge, when EDGE_HITS is on
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> ProxyExtensions:

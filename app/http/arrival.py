@@ -19,6 +19,9 @@ from typing import Any
 from app.clock import Clock
 from app.http.security import IPNetwork
 
+#: Where the WSGI middleware leaves the arrival time (the app clock's monotonic reading).
+ARRIVAL_KEY = "profile_proxy.arrival"
+
 #: The oldest front stamp believed: anything older is a clock problem, not a queue.
 MAX_BELIEVED_AGE_SECONDS = 30.0
 

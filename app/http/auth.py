@@ -7,8 +7,6 @@ import binascii
 import hashlib
 import hmac
 
-from werkzeug.datastructures import Headers
-
 from app.settings import CallerKey
 
 
@@ -32,13 +30,14 @@ class CallerKeys:
         return match
 
 
-def presented_key(headers: Headers) -> str | None:
-    """The caller key from whichever of the three credential styles the request uses."""
-    api_key = headers.get("X-API-Key")
+def presented_key(api_key: str | None, authorization: str | None) -> str | None:
+    """The caller key from whichever of the three credential styles the request uses.
+
+    *api_key* and *authorization* are the ``X-API-Key`` and ``Authorization`` headers.
+    """
     if api_key:
         return api_key.strip()
-    authorization = headers.get("Authorization", "")
-    scheme, _, credentials = authorization.strip().partition(" ")
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer":
         return credentials.strip() or None

@@ -17,6 +17,7 @@ from flask import Flask, Response, current_app, g, request
 from app.clock import Deadline
 from app.core.query import KINDS, Identity
 from app.errors import Forbidden, InvalidRequest, RetryableError, Unauthorized
+from app.http.arrival import ARRIVAL_KEY
 from app.http.auth import CallerKeys, presented_key
 from app.http.params import MAX_QUERY_BYTES, decode_segment
 from app.http.routes import ROUTES
@@ -29,9 +30,6 @@ UNGATED_PATHS = frozenset({"/healthz", "/readyz"})
 
 #: Room left after the lookup for shaping and writing the response.
 RESPONSE_MARGIN_SECONDS = 0.05
-
-#: Where the WSGI middleware leaves the arrival time (the app clock's monotonic reading).
-ARRIVAL_KEY = "profile_proxy.arrival"
 
 
 class TooManyAuthFailures(RetryableError):
@@ -47,7 +45,7 @@ def authenticate(keys: CallerKeys, kind: str = "caller") -> str:
     :raises TooManyAuthFailures: this address keeps failing.
     """
     extensions = current_app.extensions["profile_proxy"]
-    presented = presented_key(request.headers)
+    presented = presented_key(request.headers.get("X-API-Key"), request.headers.get("Authorization"))
     name = keys.identify(presented) if presented else None
     if name is not None:
         return name
@@ -95,12 +93,12 @@ def admit(endpoint: str | None, values: dict[str, Any] | None) -> None:
     else:
         trace.caller = "open"
     if values:
-        _decode_path_values(trace, values)
+        decode_path_values(trace, values)
     if len(trace.raw_query) > MAX_QUERY_BYTES:
         raise InvalidRequest("query", f"must be at most {MAX_QUERY_BYTES} bytes")
 
 
-def _decode_path_values(trace: RequestTrace, values: dict[str, Any]) -> None:
+def decode_path_values(trace: RequestTrace, values: dict[str, Any]) -> None:
     """Decode and check every path value once; ``kind`` and ``id`` become the trace's identity."""
     if "kind" in values:
         id_field = KINDS[values.pop("kind")]
@@ -117,19 +115,23 @@ def finish(response: Response) -> Response:
     if trace is None:
         return response
     headers["X-Request-ID"] = trace.request_id
-    extensions = trace.extensions
-    extensions.braze_watch.record(response.status_code)
     rule = request.url_rule
-    route = route_template(rule.rule if rule is not None else "unmatched")
+    account(trace, response.status_code, request.method, rule.rule if rule is not None else "unmatched")
+    return response
+
+
+def account(trace: RequestTrace, status: int, method: str, rule: str) -> None:
+    """What every answer counts for on its way out (from Flask or the edge): Braze's view, log line, metrics."""
+    extensions = trace.extensions
+    extensions.braze_watch.record(status)
     settings = extensions.settings
     identity = trace.identity
     user = identity.value if identity is not None and settings.log_user_ids else None
     clock = extensions.clock
     log_request(
-        trace, request.method, route, response.status_code, user, extensions.metrics, settings.access_log,
+        trace, method, route_template(rule), status, user, extensions.metrics, settings.access_log,
         at=clock.time(), now=clock.monotonic(),
     )  # fmt: skip
-    return response
 
 
 def register_gate(app: Flask) -> None:

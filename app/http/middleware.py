@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
-from app.http.arrival import ArrivalStamp
+from app.http.arrival import ARRIVAL_KEY, ArrivalStamp
 
 WSGIApp = Any
 
@@ -30,7 +30,7 @@ class RawPathMiddleware:
         self._arrival = arrival
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        environ["profile_proxy.arrival"] = self._arrival(environ)
+        environ[ARRIVAL_KEY] = self._arrival(environ)
         raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
         if raw:
             path = raw.split("?", 1)[0].split("#", 1)[0]

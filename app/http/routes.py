@@ -33,6 +33,7 @@ class RouteSpec:
     args: Schema | None = None
     auth: Auth = "caller"
     documented: bool = True
+    view: Callable[..., Response] | None = None  # (trace, args, **path values), for the edge
 
     @property
     def serves_data(self) -> bool:
@@ -67,6 +68,7 @@ def route(
             args=args() if args is not None else None,
             auth=auth,
             documented=documented,
+            view=view,
         )
         ROUTES[spec.endpoint] = spec
 

@@ -25,6 +25,8 @@ v1 = Blueprint("v1", __name__, url_prefix="/v1/<any(users, devices):kind>/<id>")
 
 
 def _lookup(trace: RequestTrace, query: ProfileQuery) -> Lookup:
+    if trace.deadline is None:  # answered at the edge (app.http.edge): this process's cache or nothing
+        return trace.extensions.profiles.cached(query, trace)
     return trace.extensions.profiles.lookup(query, trace.deadline, trace)
 
 

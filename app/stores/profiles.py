@@ -106,6 +106,11 @@ class ProfileStore:
 
     # -- reading -------------------------------------------------------------------
 
+    def local_entry(self, key: str) -> Entry | None:
+        """The profile this process holds under *key* (fresh or not)."""
+        with self._lock:
+            return self._l1.get(key)
+
     def local(self, query: ProfileQuery) -> View:
         """Look in this process only (the hit path)."""
         with self._lock:

@@ -1,0 +1,169 @@
+"""Fresh cache hits answered at the WSGI edge, before Flask's dispatch.
+
+Most of a cached answer's cost is Flask's request machinery, not the work: find the
+route, check the caller key, look up the cached profile, shape a small object. This
+middleware does exactly that with the same pieces Flask's path uses (the URL map, the
+caller keys, the query schemas, the route's own view function, the same headers, access
+line and metrics) and hands everything else to Flask unchanged: a miss, a stale or
+not-found entry, a bad credential, a bad parameter, any method but GET, any path the map
+does not match, an exception of any kind. An answer is byte for byte what Flask would
+have sent (``tests/test_edge.py`` compares the two).
+
+The shaped answer is kept per (path, query) with the cache entry it came from: while
+that entry is the one in the cache and still fresh, the next hit reuses the body and
+only its ``Age``, ``Cache-Control`` and ``X-Request-ID`` are new.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import LRUCache
+from flask import Flask
+from werkzeug.exceptions import HTTPException
+
+from app.http.arrival import ARRIVAL_KEY
+from app.http.auth import presented_key
+from app.http.gate import account, decode_path_values
+from app.http.params import MAX_QUERY_BYTES
+from app.http.routes import ROUTES, query_args
+from app.lookup import NotCached, last_cached
+from app.observability import RequestTrace, request_id_from
+
+WSGIApp = Any
+
+#: Shaped answers kept (a few hundred bytes each): the hot set of (path, query) pairs.
+SHAPED_ANSWERS = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Shaped:
+    """One hit's answer, and the cache entry version it was shaped from."""
+
+    cache_key: str
+    fetched_at: float
+    rule: str
+    identity: Any
+    body: bytes
+    length: str
+
+
+class CachedHitEdge:
+    """Answer a fresh, authenticated, well-formed cache hit without Flask; pass the rest on."""
+
+    def __init__(self, app: WSGIApp, flask_app: Flask) -> None:
+        self.app = app
+        self.extensions = flask_app.extensions["profile_proxy"]
+        # Routing only (no host matching is configured): the same rules Flask matches.
+        self.adapter = flask_app.url_map.bind("localhost")
+        self._shaped: LRUCache[tuple[str, str], _Shaped] = LRUCache(maxsize=SHAPED_ANSWERS)
+        self._lock = threading.Lock()
+        self.answered = 0  # hits answered here (approximate under threads: for tests and curiosity)
+        self.extensions.edge = self
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") == "GET" and environ.get("PATH_INFO", "").startswith("/v1/"):
+            try:
+                answer = self._answer(environ, start_response)
+            except (NotCached, HTTPException):
+                answer = None  # not a plain hit: Flask answers it, errors and all
+            except Exception:  # anything unexpected is Flask's to answer (and log)
+                answer = None
+            if answer is not None:
+                self.answered += 1
+                return answer
+        return self.app(environ, start_response)
+
+    def _caller(self, environ: dict[str, Any]) -> str | None:
+        """The caller key's name, or None when Flask must refuse (and count) the request."""
+        extensions = self.extensions
+        if extensions.allowlist and not extensions.allowlist.allows(environ.get("REMOTE_ADDR")):
+            return None
+        if not extensions.caller_keys:
+            return "open"
+        presented = presented_key(environ.get("HTTP_X_API_KEY"), environ.get("HTTP_AUTHORIZATION"))
+        return extensions.caller_keys.identify(presented) if presented else None
+
+    def _trace(self, environ: dict[str, Any], caller: str, raw_query: str) -> RequestTrace:
+        extensions = self.extensions
+        arrival = environ.get(ARRIVAL_KEY)
+        if arrival is None:
+            arrival = extensions.clock.monotonic()
+        trace = RequestTrace(request_id_from(environ.get("HTTP_X_REQUEST_ID")), arrival, extensions)
+        trace.raw_query = raw_query
+        trace.caller = caller
+        trace.deadline = None  # the views read this as "this process's cache, or nothing"
+        return trace
+
+    def _answer(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes] | None:
+        raw_query = environ.get("QUERY_STRING", "")
+        if len(raw_query) > MAX_QUERY_BYTES:
+            return None
+        caller = self._caller(environ)
+        if caller is None:
+            return None
+        key = (environ["PATH_INFO"], raw_query)
+        with self._lock:
+            shaped = self._shaped.get(key)
+        if shaped is not None:
+            answer = self._reuse(shaped, environ, start_response, caller, raw_query)
+            if answer is not None:
+                return answer
+        return self._shape(key, environ, start_response, caller, raw_query)
+
+    def _reuse(
+        self, shaped: _Shaped, environ: dict[str, Any], start_response: Any, caller: str, raw_query: str
+    ) -> Iterable[bytes] | None:
+        """The kept answer, if its cache entry is still the one cached and still fresh."""
+        extensions = self.extensions
+        entry = extensions.cache.local_entry(shaped.cache_key)
+        if entry is None or entry.fetched_at != shaped.fetched_at:
+            return None
+        freshness = extensions.cache.freshness
+        now = extensions.clock.time()
+        fresh_for = freshness.fresh_until(entry) - now
+        if fresh_for <= 0:
+            return None
+        trace = self._trace(environ, caller, raw_query)
+        trace.identity = shaped.identity
+        trace.cache = "hit"
+        start_response(
+            "200 OK",
+            [
+                ("X-Content-Type-Options", "nosniff"),
+                ("X-Cache", "HIT"),
+                ("Age", str(int(max(0.0, now - entry.fetched_at)))),
+                ("Cache-Control", f"private, max-age={int(fresh_for)}"),
+                ("Content-Type", "application/json"),
+                ("Content-Length", shaped.length),
+                ("X-Request-ID", trace.request_id),
+            ],
+        )
+        account(trace, 200, "GET", shaped.rule)
+        return [shaped.body]
+
+    def _shape(
+        self, key: tuple[str, str], environ: dict[str, Any], start_response: Any, caller: str, raw_query: str
+    ) -> Iterable[bytes] | None:
+        """Run the route's own view on the cached profile (it raises NotCached on anything else)."""
+        rule, values = self.adapter.match(environ["PATH_INFO"], method="GET", return_rule=True)
+        spec = ROUTES.get(rule.endpoint)
+        if spec is None or spec.view is None or not spec.serves_data:
+            return None
+        trace = self._trace(environ, caller, raw_query)
+        values = dict(values)
+        decode_path_values(trace, values)
+        last_cached.entry = None
+        response = spec.view(trace, query_args(spec.args, raw_query), **values)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Request-ID"] = trace.request_id
+        account(trace, response.status_code, "GET", rule.rule)
+        source = last_cached.entry
+        if source is not None and response.status_code == 200 and response.headers.get("X-Cache") == "HIT":
+            body = response.get_data()
+            with self._lock:
+                self._shaped[key] = _Shaped(source[0], source[1], rule.rule, trace.identity, body, str(len(body)))
+        return response(environ, start_response)  # type: ignore[no-any-return]
