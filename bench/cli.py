@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--users", type=int, help="cached users in the hit-path mix (3000; quick 300)")
     g.add_argument(
         "--hit-targets",
-        type=_names(("service", "bare", "bare_2x16", "service_2x16")),
-        help="servers to measure (service,bare,bare_2x16,service_2x16; quick without service_2x16)",
+        type=_names(("service", "bare", "bare_2x16", "service_default")),
+        help="servers to measure (service,bare,bare_2x16,service_default; quick without service_default)",
     )
     g.add_argument("--service-workers", type=int, help="WEB_CONCURRENCY for the service and the bare app (1)")
     g.add_argument("--service-threads", type=int, help="GUNICORN_THREADS for the service and the bare app (32)")

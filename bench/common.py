@@ -188,7 +188,7 @@ def service_env(sim: Simulator, upstream_limit: int, workers: int, threads: int,
     return env
 
 
-def start_gunicorn(name: str, env: Mapping[str, str], app_uri: str | None = None) -> Server:
+def start_gunicorn(name: str, env: Mapping[str, str], app_uri: str | None = None, workers: int | None = None) -> Server:
     """``gunicorn -c gunicorn.conf.py [APP]`` from the repository root, on a free port.
 
     With *app_uri* (the bare app) the service's own gunicorn.conf.py is still used, so
@@ -207,7 +207,8 @@ def start_gunicorn(name: str, env: Mapping[str, str], app_uri: str | None = None
     proc = spawn(name, argv, base, exact_env=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz", proc)
-    workers, threads = int(full_env.get("WEB_CONCURRENCY") or 1), int(full_env.get("GUNICORN_THREADS") or 32)
+    workers = workers or int(full_env.get("WEB_CONCURRENCY") or 1)
+    threads = int(full_env.get("GUNICORN_THREADS") or 32)
     # Every worker must be up before load starts (the first /healthz proves only one).
     deadline = time.monotonic() + 20
     while len(child_pids(proc.pid)) < workers and time.monotonic() < deadline:

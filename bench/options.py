@@ -21,7 +21,7 @@ class Options:
     # hit path
     connections: tuple[int, ...] = (16, 64, 256)
     users: int = 3000
-    hit_targets: tuple[str, ...] = ("service", "bare", "bare_2x16", "service_2x16")
+    hit_targets: tuple[str, ...] = ("service", "bare", "bare_2x16", "service_default")
     service_workers: int = 1
     service_threads: int = 32
     # miss path

@@ -6,10 +6,10 @@ Three gunicorn servers run side by side, each from the service's own gunicorn.co
   what gunicorn.conf.py picks without Redis);
 - ``bare``: :mod:`bench.bare_app` under exactly the same settings;
 - ``bare_2x16``: the bare app under gthread with 2 workers x 16 threads;
-- ``service_2x16`` (not in ``--quick``): the service itself under 2 x 16 without Redis,
-  each worker's own cache warmed: what a second process buys on the hit path (with
-  Redis, gunicorn.conf.py runs one worker per core and a hit is served from the
-  worker's own L1 the same way).
+- ``service_default`` (not in ``--quick``): the service in its default configuration
+  without Redis (what gunicorn.conf.py picks: one process per core, sharing the cache
+  through the machine's shared tier), every worker's cache warmed: compared with
+  ``bare_2x16``.
 
 Runs are interleaved (service, bare, bare 2x16, then again) so slow drift of the machine
 hits every target alike; the figures are medians over ``--runs`` runs.
@@ -18,6 +18,7 @@ hits every target alike; the figures are medians over ``--runs`` runs.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,7 @@ TARGET_LABELS = {
     "service": "service",
     "bare": "bare Flask, same settings",
     "bare_2x16": "bare Flask, gthread 2 x 16",
-    "service_2x16": "service, gthread 2 x 16 (both caches warmed)",
+    "service_default": "service, default configuration (one process per core, every cache warmed)",
 }
 
 
@@ -100,26 +101,32 @@ def warm(url: str, users: list[str], concurrency: int = 16, time_limit: float = 
     return statuses
 
 
-def warm_every_worker(server: Server, sim: Any, users: list[str], rounds: int = 12) -> int:
-    """Warm *users* in every worker of a multi-process service without Redis.
+def warm_every_worker(server: Server, sim: Any, users: list[str], rounds: int = 12) -> tuple[int, int]:
+    """Warm *users* in every worker of a multi-process service: (rounds, upstream calls).
 
-    Each worker has its own cache, and a keep-alive connection stays with one worker, so
-    each round sends every user on fresh connections (the kernel spreads the accepts)
-    until every worker has called upstream once per user. Bounded by *rounds*.
+    A keep-alive connection stays with one worker, so each round asks for every user on
+    fresh connections (the kernel spreads the accepts) until a whole round is answered
+    from cache. Bounded by *rounds*.
     """
-    wanted = len(users) * server.workers
     start = sim.calls()
-    for _ in range(rounds):
-        if sim.calls() - start >= wanted:
-            break
 
-        def one(chunk: list[str]) -> None:
-            for user in chunk:
-                requests.get(f"{server.url}/v1/users/{user}", headers={"Authorization": CALLER_AUTH}, timeout=5)
+    def one(chunk: list[str]) -> int:
+        fresh = 0
+        for user in chunk:
+            response = requests.get(
+                f"{server.url}/v1/users/{user}",
+                headers={"Authorization": CALLER_AUTH, "Connection": "close"},
+                timeout=5,
+            )
+            fresh += response.headers.get("X-Cache") != "HIT"
+        return fresh
 
+    for done in range(1, rounds + 1):
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(one, [users[i::8] for i in range(8)]))
-    return sim.calls() - start
+            not_hits = sum(pool.map(one, [users[i::8] for i in range(8)]))
+        if not not_hits:
+            return done, sim.calls() - start
+    return rounds, sim.calls() - start
 
 
 def sample_bodies(url: str, user: str) -> dict[str, str]:
@@ -173,14 +180,14 @@ def run(opts: Options) -> dict[str, Any]:
             env_2x16 = dict(bare_env, WEB_CONCURRENCY="2", GUNICORN_THREADS="16")
             targets["bare_2x16"] = start_gunicorn("bare-2x16", env_2x16, "bench.bare_app:app")
             servers.append(targets["bare_2x16"])
-        if "service_2x16" in opts.hit_targets:
-            service_2x16 = start_gunicorn("service-2x16", dict(env, WEB_CONCURRENCY="2", GUNICORN_THREADS="16"))
-            servers.append(service_2x16)
-            warmed = warm_every_worker(service_2x16, sim, users)
-            log(f"hit: service 2 x 16 warmed with {warmed} upstream calls for {len(users)} users x 2 workers")
-            if warmed < 2 * len(users):
-                log("hit: service 2 x 16: some profiles are cached in one worker only; expect a few misses")
-            targets["service_2x16"] = service_2x16
+        if "service_default" in opts.hit_targets:
+            default_env = dict(env, WEB_CONCURRENCY="", GUNICORN_THREADS="")  # "" is unset: gunicorn.conf.py chooses
+            service_default = start_gunicorn("service-default", default_env, workers=os.cpu_count() or 1)
+            servers.append(service_default)
+            rounds, warmed = warm_every_worker(service_default, sim, users)
+            log(f"hit: default configuration ({service_default.workers} workers) warmed in {rounds} rounds "
+                f"with {warmed} upstream calls for {len(users)} users")  # fmt: skip
+            targets["service_default"] = service_default
 
         runs: dict[int, dict[str, list[dict[str, Any]]]] = {}
         upstream_during_load = upstream_during_load_2x16 = 0
@@ -194,7 +201,7 @@ def run(opts: Options) -> dict[str, Any]:
                     result = run_wrk(server.url, paths_file, conns, opts.duration, threads=opts.wrk_threads)
                     if name == "service":
                         upstream_during_load += sim.calls() - calls_before
-                    elif name == "service_2x16":
+                    elif name == "service_default":
                         upstream_during_load_2x16 += sim.calls() - calls_before
                     server.check_alive()
                     if result.error_count:
@@ -229,9 +236,12 @@ def run(opts: Options) -> dict[str, Any]:
         service_rps = summary[conns]["service"]["rps"]
         ratios[conns] = {
             name: service_rps / summary[conns][name]["rps"]
-            for name in ("bare", "bare_2x16", "service_2x16")
+            for name in ("bare", "bare_2x16", "service_default")
             if name in summary[conns] and summary[conns][name]["rps"]
         }
+        if {"service_default", "bare_2x16"} <= set(summary[conns]) and summary[conns]["bare_2x16"]["rps"]:
+            default_rps = summary[conns]["service_default"]["rps"]
+            ratios[conns]["default_vs_bare_2x16"] = default_rps / summary[conns]["bare_2x16"]["rps"]
     return {
         "users": len(users),
         "paths": len(paths),
