@@ -11,13 +11,12 @@ tests stays consistent.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from typing import Any
 
 from app.clock import Clock
-from app.http.security import IPNetwork
+from app.http.security import IPNetwork, address_in
 
 #: Where the WSGI middleware leaves the arrival time (the app clock's monotonic reading).
 ARRIVAL_KEY = "profile_proxy.arrival"
@@ -62,18 +61,9 @@ class ArrivalStamp:
         self._now = clock.monotonic
         self.proxies = proxies
 
-    def _trusted(self, peer: str | None) -> bool:
-        try:
-            ip = ipaddress.ip_address((peer or "").split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.proxies)
-
     def __call__(self, environ: dict[str, Any]) -> float:
         age = _queued_age()
         header = environ.get("HTTP_X_REQUEST_START")
-        if header and self._trusted(environ.get("REMOTE_ADDR")):
+        if header and address_in(environ.get("REMOTE_ADDR"), self.proxies):
             age = max(age, _front_age(header))
         return self._now() - age

@@ -8,26 +8,15 @@ the same setting gunicorn uses for the forwarded scheme.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from app.http.security import IPNetwork
+from app.http.security import IPNetwork, address_in, parse_ip
 
 WSGIApp = Any
 
 #: Where the connecting peer's own address is kept once ``REMOTE_ADDR`` is replaced.
 PEER_KEY = "profile_proxy.peer_addr"
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text.strip().split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 class TrustedForwardedFor:
@@ -46,15 +35,14 @@ class TrustedForwardedFor:
 
     def trusts(self, peer: str | None) -> bool:
         """Whether *peer* is one of the named proxies."""
-        ip = _ip(peer or "")
-        return ip is not None and any(ip in network for network in self.proxies)
+        return address_in(peer, self.proxies)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         peer = environ.get("REMOTE_ADDR")
         environ[PEER_KEY] = peer
         if self.hops and self.trusts(peer):
             client = self._entry(environ.get("HTTP_X_FORWARDED_FOR"))
-            if client is not None and _ip(client) is not None:
+            if client is not None and parse_ip(client) is not None:
                 environ["REMOTE_ADDR"] = client.strip()
             scheme = self._entry(environ.get("HTTP_X_FORWARDED_PROTO"))
             if scheme is not None and scheme.strip().lower() in ("http", "https"):

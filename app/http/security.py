@@ -34,15 +34,24 @@ class NetworkAllowlist:
         return bool(self.networks)
 
     def allows(self, address: str | None) -> bool:
-        if not self.networks:
-            return True
-        try:
-            ip = ipaddress.ip_address((address or "").split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks)
+        return not self.networks or address_in(address, self.networks)
+
+
+def parse_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as text (a zone index dropped, an IPv4-mapped IPv6 address as IPv4), or None."""
+    try:
+        ip = ipaddress.ip_address((text or "").strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def address_in(address: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether *address* is in one of *networks* (never, for something that is not an address)."""
+    ip = parse_ip(address)
+    return ip is not None and any(ip in network for network in networks)
 
 
 class FailureBrake:
