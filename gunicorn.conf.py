@@ -87,7 +87,11 @@ def on_starting(server: object) -> None:
 
 
 def child_exit(server: object, worker: object) -> None:
-    """Drop a dead worker's live gauges from the metrics."""
+    """Drop a dead worker's gauges from the metrics (killed or not; its counts stay).
+
+    Every gauge uses a ``live*`` mode, whose files this removes: an open circuit or a
+    stale reading must not outlive the worker that held it.
+    """
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]

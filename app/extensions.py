@@ -12,6 +12,7 @@ from app.clock import SYSTEM_CLOCK, Clock
 from app.core.breaker import CircuitBreaker
 from app.core.freshness import Freshness
 from app.core.query import QueryPlanner
+from app.gauges import GaugePublisher
 from app.http.auth import CallerKeys
 from app.http.security import FailureBrake, NetworkAllowlist, parse_networks
 from app.lookup import ProfileLookup
@@ -40,6 +41,7 @@ class ProxyExtensions:
     allowlist: NetworkAllowlist
     failure_brake: FailureBrake
     braze_watch: BrazeFailureWatch
+    gauges: GaugePublisher
     openapi: dict[str, Any] | None = None
     edge: Any = None  # the CachedHitEdge, when EDGE_HITS is on
 
@@ -63,7 +65,13 @@ class ProxyExtensions:
         store = ProfileStore(
             Freshness.from_settings(settings), settings.cache_max_entries, claim_ttl, redis_tier, clock
         )
-        metrics = Metrics()
+        metrics = Metrics(shared_budget=redis_tier is not None)
+        braze_watch = BrazeFailureWatch(
+            metrics, clock, settings.braze_failure_warn_share, settings.braze_failure_warn_min
+        )
+        gauges = GaugePublisher(metrics, breaker, budget, braze_watch, redis_tier)
+        if metrics.multiprocess:
+            gauges.start()  # other workers answer some of the scrapes: keep this one's gauges current
         caller_caps = CallerMissCaps(
             settings.caller_miss_limit_per_minute, settings.upstream_budget_shares, window, clock=clock
         )
@@ -93,12 +101,12 @@ class ProxyExtensions:
             metrics=metrics,
             allowlist=NetworkAllowlist(parse_networks(settings.allowed_cidrs)),
             failure_brake=FailureBrake(settings.auth_failure_limit_per_minute, clock=clock),
-            braze_watch=BrazeFailureWatch(
-                metrics, clock, settings.braze_failure_warn_share, settings.braze_failure_warn_min
-            ),
+            braze_watch=braze_watch,
+            gauges=gauges,
         )
 
     def close(self) -> None:
+        self.gauges.close()
         self.budget.close()
         self.profiles.close()
         if self.redis is not None:

@@ -18,8 +18,9 @@ import secrets
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO, TypeVar
 
 import orjson
 from prometheus_client import (
@@ -35,6 +36,15 @@ from prometheus_client import (
 ACCESS_LOGGER = "app.access"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+#: Access lines held for a stdout that cannot keep up; past this they are dropped and counted.
+#: Under a kilobyte each (the request's fields): a few megabytes at most.
+MAX_QUEUED_LINES = 4096
+#: Other log records held likewise (larger, and rarely many).
+MAX_QUEUED_RECORDS = 1024
+#: Requests held for the counting thread; past this a request is counted on its own thread.
+MAX_QUEUED_COUNTS = 65536
+#: While lines are being dropped, one warning on stderr at most this often.
+DROP_WARNING_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -103,8 +113,76 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class DroppedLines:
+    """Log lines stdout could not take: counted, and reported on stderr at most every few seconds.
+
+    The report comes from a thread of its own, started at the first drop: the stdout
+    writers are the ones that are stuck, and a stderr stuck as well must hold up nothing else.
+    """
+
+    def __init__(self, warn_every: float = DROP_WARNING_SECONDS) -> None:
+        self.warn_every = warn_every
+        self._lock = threading.Lock()
+        self._total = 0
+        self._reporter: threading.Thread | None = None
+
+    @property
+    def total(self) -> int:
+        """Lines dropped by this process since it started."""
+        return self._total
+
+    def add(self) -> None:
+        with self._lock:
+            self._total += 1
+            if self._reporter is None:
+                self._reporter = threading.Thread(target=self._report, name="log-drops", daemon=True)
+                self._reporter.start()
+
+    def _report(self) -> None:
+        reported = 0
+        while True:
+            total = self._total
+            if total > reported:
+                _warn_on_stderr(
+                    f"stdout is not taking log lines (a stalled log reader?): {total - reported} dropped since "
+                    f"the last warning, {total} since start; metrics are unaffected",
+                    dropped=total - reported,
+                    dropped_total=total,
+                )
+                reported = total
+            time.sleep(self.warn_every)
+
+
+def _warn_on_stderr(message: str, **fields: Any) -> None:
+    """One JSON warning line on stderr, bypassing ``logging`` (whose writer may be the one stuck)."""
+    now = time.time()
+    line = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+        "level": "warning",
+        "logger": __name__,
+        "message": message,
+        **fields,
+    }
+    try:
+        sys.stderr.write(orjson.dumps(line).decode() + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr closed as well: nobody to tell
+
+
 class _EnqueueHandler(logging.handlers.QueueHandler):
-    """Hand records to the writer thread as they are: formatting happens there."""
+    """Hand records to the writer thread as they are (formatting happens there), up to a bound."""
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord], dropped: DroppedLines) -> None:
+        super().__init__(records)
+        self.records = records
+        self.dropped = dropped
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.records.qsize() >= MAX_QUEUED_RECORDS:
+            self.dropped.add()  # stdout is not keeping up: never hold records without end
+            return
+        super().emit(record)
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if record.exc_info and not record.exc_text:
@@ -121,7 +199,8 @@ def configure_logging(level: str, log_user_ids: bool = False) -> None:
     """Send every log record to stdout as JSON lines, written by one background thread.
 
     With dozens of request threads, a handler lock per line made threads queue behind
-    each other's writes; a queue keeps the request path to an append.
+    each other's writes; a queue keeps the request path to an append. The queue is bounded
+    like the access log's, and shares its count of dropped lines.
     """
     global _listener
     root = logging.getLogger()
@@ -134,19 +213,40 @@ def configure_logging(level: str, log_user_ids: bool = False) -> None:
     writer = logging.StreamHandler(sys.stdout)
     writer.setFormatter(JsonFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    root.addHandler(_EnqueueHandler(records))
+    root.addHandler(_EnqueueHandler(records, ACCESS_LOG.dropped))
     _listener = logging.handlers.QueueListener(records, writer, respect_handler_level=False)
     _listener.start()
-    atexit.register(_listener.stop)
+    atexit.register(_stop_listener, _listener)
+
+
+def _stop_listener(listener: logging.handlers.QueueListener, timeout: float = 1.0) -> None:
+    """At exit, write what is queued, waiting at most *timeout* for a stdout that may be stuck.
+
+    ``QueueListener.stop`` waits without end, which would keep a worker from exiting.
+    """
+    listener.enqueue_sentinel()
+    thread = listener._thread
+    if thread is not None:
+        thread.join(timeout)
 
 
 class Metrics:
-    """The service's Prometheus metrics, in a registry of their own per app."""
+    """The service's Prometheus metrics, in a registry of their own per app.
 
-    def __init__(self) -> None:
+    With several workers a scrape reads every live worker's last gauge values, and each
+    gauge's ``multiprocess_mode`` says how they add up. All are ``live*`` modes, so a dead
+    worker's values leave with it (gunicorn.conf.py's ``child_exit``), and every worker keeps
+    its own values current (:mod:`app.gauges`). The budget's gauges depend on *shared_budget*:
+    with a shared budget (Redis) every worker sees the one window, and the freshest view
+    wins; without one each worker holds its share, and the shares add up.
+    """
+
+    def __init__(self, shared_budget: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+        self._dropped_counted = 0
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        budget_mode: Any = "livemostrecent" if shared_budget else "livesum"
         reg = self.registry
         self.requests = Counter(
             "proxy_requests", "Requests answered, by route template, status and caller key name.",
@@ -177,14 +277,15 @@ class Metrics:
         self.budget_wait = Histogram("proxy_budget_wait_seconds", "Time an admitted call waited for its slot.",
                                      buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0), registry=reg)  # fmt: skip
         self.budget_tokens = Gauge("proxy_budget_tokens", "Upstream calls still free in the trailing window.",
-                                   multiprocess_mode="mostrecent", registry=reg)  # fmt: skip
+                                   multiprocess_mode=budget_mode, registry=reg)  # fmt: skip
         self.budget_utilization = Gauge("proxy_budget_utilization", "Share of UPSTREAM_RATE_LIMIT_PER_MINUTE used "
-                                        "in the trailing window (0 to 1).", multiprocess_mode="mostrecent",
+                                        "in the trailing window (0 to 1).", multiprocess_mode=budget_mode,
                                         registry=reg)  # fmt: skip
-        self.circuit = Gauge("proxy_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
-                             multiprocess_mode="max", registry=reg)  # fmt: skip
+        self.circuit = Gauge("proxy_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open (the worst "
+                             "worker).", multiprocess_mode="livemax", registry=reg)  # fmt: skip
+        # Redis is one place: the worker answering the scrape pings it, and the newest answer wins.
         self.redis_up = Gauge("proxy_redis_available", "1 when Redis answers, 0 when not, -1 when not configured.",
-                              multiprocess_mode="min", registry=reg)  # fmt: skip
+                              multiprocess_mode="livemostrecent", registry=reg)  # fmt: skip
         self.braze_answers = Gauge("proxy_braze_answers_last_minute", "Answers in the trailing minute.",
                                    multiprocess_mode="livesum", registry=reg)  # fmt: skip
         self.braze_failures = Gauge("proxy_braze_failures_last_minute", "Answers in the trailing minute that Braze "
@@ -192,9 +293,11 @@ class Metrics:
                                     multiprocess_mode="livesum", registry=reg)  # fmt: skip
         self.braze_failure_share = Gauge("proxy_braze_failure_share", "Share of the trailing minute's answers Braze "
                                          "counts as failures (the worst worker; Braze acts past 3,000 and 0.9).",
-                                         multiprocess_mode="max", registry=reg)  # fmt: skip
+                                         multiprocess_mode="livemax", registry=reg)  # fmt: skip
         self.auth_failures = Counter("proxy_auth_failures", "Requests refused for missing or wrong credentials.",
                                      ["reason"], registry=reg)  # fmt: skip
+        self.log_lines_dropped = Counter("proxy_log_lines_dropped", "Log lines dropped because stdout did not "
+                                         "take them in time (a stalled log reader).", registry=reg)  # fmt: skip
 
     def count_request(self, route: str, status: int, caller: str, seconds: float) -> None:
         """Count one answered request; label children are cached (``labels()`` takes a lock)."""
@@ -206,6 +309,12 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def count_dropped_lines(self, total: int) -> None:
+        """Bring ``proxy_log_lines_dropped_total`` up to this process's *total* (one thread calls this)."""
+        if total > self._dropped_counted:
+            self.log_lines_dropped.inc(total - self._dropped_counted)
+            self._dropped_counted = total
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text for a scrape (all workers' files in multi-process mode)."""
         if self.multiprocess:
@@ -216,68 +325,132 @@ class Metrics:
 
 
 class AccessLog:
-    """Per-request bookkeeping done by one background thread: metrics and the JSON line.
+    """Per-request bookkeeping off the request thread: counts on one thread, JSON lines on another.
 
-    The request path only appends to a queue. Going through ``logging`` (a record object,
+    The request path only appends to queues. Going through ``logging`` (a record object,
     a handler lock, a write and flush per line) cost a quarter of the hit path's
     throughput, and prometheus_client's multi-process counters (a lock and an mmap write
-    per update) another sixth. The thread drains whatever has queued up, counts it, and
-    writes the lines in one call.
+    per update) another sixth. Each thread drains whatever has queued up: one counts it,
+    the other writes the lines in one call.
+
+    The two are apart so that a stdout nobody reads (a stalled log shipper) holds up the
+    lines and nothing else: the counting thread only writes memory-mapped files, and
+    ``/metrics`` waits on it alone. Lines wait in a bounded queue; past it they are
+    dropped and counted (``proxy_log_lines_dropped_total``, a warning on stderr).
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Metrics | None, bool, dict[str, Any]] | threading.Event] = (
-            queue.SimpleQueue()
-        )
-        self._thread: threading.Thread | None = None
+    def __init__(
+        self, max_lines: int = MAX_QUEUED_LINES, max_counts: int = MAX_QUEUED_COUNTS, stream: TextIO | None = None
+    ) -> None:
+        self.max_lines = max_lines
+        self.max_counts = max_counts
+        self.stream = stream  # None: whatever sys.stdout is at the time of writing
+        self.dropped = DroppedLines()
+        self._lines: queue.SimpleQueue[dict[str, Any] | threading.Event] = queue.SimpleQueue()
+        self._counts: queue.SimpleQueue[tuple[Metrics, dict[str, Any]] | threading.Event] = queue.SimpleQueue()
+        # The apps counted for, to bring their dropped-lines counters up to date.
+        self._counted_for: weakref.WeakSet[Metrics] = weakref.WeakSet()
+        self._started = False
         self._lock = threading.Lock()
 
     def write(self, fields: dict[str, Any], metrics: Metrics | None = None, log: bool = True) -> None:
-        if self._thread is None:
+        """Queue one request's counts (with *metrics*) and its line (when *log*); never blocks."""
+        if not self._started:
             self._start()
-        self._queue.put((metrics, log, fields))
+        if log:
+            if self._lines.qsize() < self.max_lines:
+                self._lines.put(fields)
+            else:
+                self.dropped.add()
+        if metrics is not None:
+            if self._counts.qsize() < self.max_counts:
+                self._counts.put((metrics, fields))
+            else:
+                # The counting thread is starved of CPU: count here, rather than lose it or queue without end.
+                _count(metrics, fields)
 
     def flush(self, timeout: float = 1.0) -> None:
-        """Wait until what was queued before this call is counted and written."""
-        if self._thread is not None:
-            reached = threading.Event()
-            self._queue.put(reached)
-            reached.wait(timeout)
+        """Wait (up to *timeout* in all) until what was queued before this call is counted and written."""
+        if self._started:
+            deadline = time.monotonic() + timeout
+            for reached in [self._mark(self._counts), self._mark(self._lines)]:
+                reached.wait(max(0.0, deadline - time.monotonic()))
+
+    def flush_counts(self, timeout: float = 0.5) -> None:
+        """Wait until what was queued before this call is counted; never waits on stdout."""
+        if self._started:
+            self._mark(self._counts).wait(timeout)
+
+    @staticmethod
+    def _mark(target: queue.SimpleQueue[Any]) -> threading.Event:
+        reached = threading.Event()
+        target.put(reached)
+        return reached
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
-                self._thread.start()
+            if not self._started:
+                threading.Thread(target=self._count_forever, name="request-metrics", daemon=True).start()
+                threading.Thread(target=self._write_forever, name="access-log", daemon=True).start()
+                self._started = True
                 atexit.register(self.flush)
 
-    def _run(self) -> None:
+    def _count_forever(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < 1024:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            try:
+                # Wakes at least once a second to publish drops of lines that were not requests'.
+                batch = _drain(self._counts, self._counts.get(timeout=1.0))
+            except queue.Empty:
+                batch = []
+            reached = []
+            counted_for: set[Metrics] = set()
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    reached.append(item)
+                    continue
+                metrics, fields = item
+                _count(metrics, fields)
+                counted_for.add(metrics)
+            self._counted_for.update(counted_for)
+            dropped = self.dropped.total
+            for metrics in list(self._counted_for):
+                metrics.count_dropped_lines(dropped)
+            for event in reached:
+                event.set()
+
+    def _write_forever(self) -> None:
+        while True:
+            batch = _drain(self._lines, self._lines.get())
             lines = []
             reached = []
             for item in batch:
                 if isinstance(item, threading.Event):
                     reached.append(item)
-                    continue
-                metrics, log, fields = item
-                if metrics is not None:
-                    _count(metrics, fields)
-                if log:
-                    lines.append(_access_line(fields))
+                else:
+                    lines.append(_access_line(item))
             if lines:
+                stream = self.stream or sys.stdout
                 try:
-                    sys.stdout.write("".join(lines))
-                    sys.stdout.flush()
+                    stream.write("".join(lines))
+                    stream.flush()
                 except (OSError, ValueError):
                     pass  # stdout closed: nothing useful to do with a log line
             for event in reached:
                 event.set()
+
+
+_T = TypeVar("_T")
+
+
+def _drain(source: queue.SimpleQueue[_T], first: _T, most: int = 1024) -> list[_T]:
+    """*first* and whatever else is queued behind it, up to *most* items."""
+    batch = [first]
+    while len(batch) < most:
+        try:
+            batch.append(source.get_nowait())
+        except queue.Empty:
+            break
+    return batch
 
 
 def _count(metrics: Metrics, fields: dict[str, Any]) -> None:

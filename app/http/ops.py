@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app
 from app.errors import json_response
 from app.http import schemas
 from app.http.routes import route
-from app.observability import ACCESS_LOG, CIRCUIT_STATES, RequestTrace
+from app.observability import ACCESS_LOG, RequestTrace
 
 ops = Blueprint("health", __name__)
 
@@ -57,17 +57,8 @@ def openapi(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
 def metrics(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     """Prometheus metrics; needs an admin key when ADMIN_API_KEYS is set, else a caller key."""
     extensions = trace.extensions
-    ACCESS_LOG.flush()  # counts queued by this process's requests so far
-    metrics = extensions.metrics
-    metrics.circuit.set(CIRCUIT_STATES[extensions.breaker.state])
-    budget = extensions.budget
-    metrics.budget_tokens.set(budget.tokens_left())
-    metrics.budget_utilization.set(budget.used() / budget.per_minute)
-    answers, failures = extensions.braze_watch.last_minute()
-    metrics.braze_answers.set(answers)
-    metrics.braze_failures.set(failures)
-    metrics.braze_failure_share.set(failures / answers if answers else 0.0)
-    redis = extensions.redis
-    metrics.redis_up.set(-1 if redis is None else int(redis.healthy))
-    body, content_type = metrics.render()
+    # This process's requests so far are counted; the access log (stdout) is never waited on.
+    ACCESS_LOG.flush_counts()
+    extensions.gauges.publish_for_scrape()
+    body, content_type = extensions.metrics.render()
     return Response(body, mimetype=None, content_type=content_type, headers=_NO_STORE)
