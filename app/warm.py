@@ -203,8 +203,9 @@ class Warmer:
         return not self.stop.is_set()
 
 
-def _settings(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The service's base URL and the caller key, from the options and the environment."""
+def service_settings(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The service's base URL and the caller key (``PROXY_API_KEY`` or ``--key-file``, never an
+    option), from the options and the environment; shared with ``python -m app preview``."""
     url = (args.url or os.environ.get("PROXY_URL") or DEFAULT_URL).strip()
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
@@ -219,8 +220,6 @@ def _settings(args: argparse.Namespace) -> tuple[str, str | None]:
             raise Fatal(f"cannot read the key file {args.key_file}: {type(exc).__name__}") from None
     if args.key_file and not key or key is not None and not (key.isascii() and key.isprintable()):
         raise Fatal("the caller key must be non-empty printable ASCII")
-    if not 1 <= args.concurrency <= 64 or not 0 <= args.retries <= 20:
-        raise Fatal("--concurrency must be 1 to 64 and --retries 0 to 20")
     return url.rstrip("/"), key
 
 
@@ -248,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        base, key = _settings(args)
+        base, key = service_settings(args)
+        if not 1 <= args.concurrency <= 64 or not 0 <= args.retries <= 20:
+            raise Fatal("--concurrency must be 1 to 64 and --retries 0 to 20")
         ids = read_ids(args.file, args.column)
     except Fatal as exc:
         print(f"warm: {exc}", file=sys.stderr)

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from app.preview.calls import Credentials, Session
 from app.preview.render import AttributesError, Previewer, Recipient
 from app.preview.transport import HttpTransport, ServiceUnreachable
+from app.warm import Fatal, service_settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-class Fatal(Exception):
-    """A usage or configuration error: print one line and exit 2."""
 
 
 def read_text(source: str, what: str) -> str:
@@ -55,24 +50,6 @@ def load_credentials(entries: list[str]) -> dict[str, tuple[str, str]]:
             name, value = _credential(entry, "--credential")
             named[name] = value
     return named
-
-
-def service_settings(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The service's base URL and the caller key (``PROXY_API_KEY`` or ``--key-file``, never an option)."""
-    url = (args.url or os.environ.get("PROXY_URL") or DEFAULT_URL).strip()
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
-        raise Fatal("--url must be an http(s) URL without credentials or query, e.g. http://127.0.0.1:8000")
-    if args.key is not None:
-        raise Fatal("--key is not accepted (ps and shell history would show it): use PROXY_API_KEY or --key-file")
-    key: str | None = os.environ.get("PROXY_API_KEY", "").strip() or None
-    if args.key_file:
-        key = read_text(args.key_file, "key file").strip()
-        if not key:
-            raise Fatal(f"the key file {args.key_file} is empty")
-    if key is not None and not (key.isascii() and key.isprintable()):
-        raise Fatal("the caller key must be printable ASCII")
-    return url.rstrip("/"), key
 
 
 def load_recipient(user_id: str | None, attributes_file: str | None) -> Recipient:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import re
@@ -18,28 +17,13 @@ from typing import Any
 import requests
 
 from app.preview.calls import BrazeUrlCache, Credentials, Session
-from app.preview.cli import Fatal, load_recipient, read_text
+from app.preview.cli import Fatal, load_recipient
 from app.preview.render import Previewer
 from app.preview.results import Preview
 from app.preview.transport import HttpTransport
+from app.warm import read_ids
 
 _UPSTREAM_SAMPLE = re.compile(r"^proxy_upstream_calls_total(?:\{[^}]*\})?\s+([0-9.e+]+)\s*$", re.MULTILINE)
-
-
-def read_ids(source: str, column: str | None) -> list[str]:
-    """Distinct ids (trimmed, blank lines skipped) in file order; a CSV's first column or *column*."""
-    lines = read_text(source, "users file").split("\n")
-    if column is not None or source.lower().endswith(".csv"):
-        rows = csv.reader(lines)
-        try:
-            header = [name.strip() for name in next(rows, [])] if column is not None else []
-            if column is not None and column not in header:
-                raise Fatal(f"column {column!r} is not in the header row ({', '.join(header[:20])})")
-            index = header.index(column) if column is not None else 0
-            lines = [row[index] for row in rows if len(row) > index]
-        except csv.Error as exc:
-            raise Fatal(f"the CSV is malformed at line {rows.line_num}: {exc}") from None
-    return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
 
 
 def upstream_calls_counted(transport: HttpTransport, key: str | None) -> float | None:
