@@ -1,23 +1,25 @@
 """The upstream budget: never more than the limit in any window, and every slot used.
 
 Admission is exact: a sliding log of grants (:class:`app.core.window.SlidingWindow`),
-kept in Redis by one Lua script when Redis is configured, so every process of every
-instance shares one log. The window is 60 s plus the connect timeout: a granted call
-reaches Amplitude within that time or not at all, so no 60-second window *as Amplitude
-counts arrivals* holds more than the limit.
+kept in the shared tier when there is one (:mod:`app.stores.shared`: Redis, one Lua
+script, for every process of every instance; or the machine's SQLite file, one
+transaction, for every process of one machine), so the processes share one log. The
+window is 60 s plus the connect timeout: a granted call reaches Amplitude within that
+time or not at all, so no 60-second window *as Amplitude counts arrivals* holds more
+than the limit.
 
 Live before bulk: callers named in ``BULK_CALLERS`` (and background refreshes) are
 granted a slot only while a reserve stays free for live traffic, and only while live
 traffic has been seen in the last window; with no live traffic, bulk work may use it all.
 
-When Redis cannot be reached, a process falls back to its share of the fleet
-(``limit // fleet``, the fleet counted by heartbeats in Redis), and only from one window
-(plus the heartbeat timeout) after it last reached Redis: by then nothing it or anyone
-else granted through Redis can share a window with its own grants, and the processes
-that still reach Redis hold back the shares of the ones that went quiet. Grants made
-while cut off are written into the shared log when Redis answers again. A process cut
-off for longer than ``FLEET_HORIZON_SECONDS`` stops calling Amplitude: by then the
-others no longer reserve its share.
+When the shared tier cannot be reached, a process falls back to its share of the fleet
+(``limit // fleet``, the fleet counted by heartbeats in the tier), and only from one
+window (plus the heartbeat timeout) after it last reached the tier: by then nothing it or
+anyone else granted through the tier can share a window with its own grants, and the
+processes that still reach it hold back the shares of the ones that went quiet. Grants
+made while cut off are written into the shared log when the tier answers again. A
+process cut off for longer than ``FLEET_HORIZON_SECONDS`` stops calling Amplitude: by
+then the others no longer reserve its share.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from app.clock import SYSTEM_CLOCK, Clock
 from app.core.window import SlidingWindow
 from app.errors import RateLimited
-from app.stores.redis import RedisTier, RedisUnavailable
+from app.stores.shared import BACKING_OFF, AdmitRequest, SharedTier, SharedUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,48 +44,6 @@ LIVE, BULK = "live", "bulk"
 HEARTBEAT_TIMEOUT_SECONDS = 5.0
 #: How long a silent process keeps its share reserved (and may use it on its own).
 FLEET_HORIZON_SECONDS = 300.0
-
-_ADMIT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local hb_timeout, horizon = tonumber(ARGV[7]), tonumber(ARGV[8])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - horizon)
-redis.call('ZADD', KEYS[3], now, ARGV[6])
-redis.call('PEXPIRE', KEYS[3], math.ceil(horizon * 1000))
-local alive = redis.call('ZCOUNT', KEYS[3], now - hb_timeout, '+inf')
--- A process back from an outage remembers the fleet it knew: if Redis restarted empty, the
--- processes not heard from since may still be spending their shares on their own.
-local fleet = math.max(redis.call('ZCARD', KEYS[3]), tonumber(ARGV[11]))
-local quiet = fleet - alive
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-for i = 12, #ARGV do
-  local stamp = now - tonumber(ARGV[i])
-  if stamp > now - window then redis.call('ZADD', KEYS[1], stamp, ARGV[10] .. ':m' .. i) end
-end
-local used = redis.call('ZCARD', KEYS[1])
-if ARGV[9] == '1' then return {2, '0', fleet, used} end
-local backoff = redis.call('PTTL', KEYS[2])
-if backoff > 0 then return {-1, tostring(backoff / 1000), fleet, used} end
-local ceiling = limit - math.floor(limit / fleet) * quiet
-if ARGV[4] == '1' then
-  local live = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if now - live < window then ceiling = ceiling - tonumber(ARGV[5]) end
-else
-  redis.call('SET', KEYS[4], tostring(now), 'PX', math.ceil(window * 1000))
-end
-if ceiling <= 0 then return {0, tostring(window), fleet, used} end
-local slot = now
-if used >= ceiling then
-  local kth = redis.call('ZRANGE', KEYS[1], used - ceiling, used - ceiling, 'WITHSCORES')
-  slot = math.max(slot, tonumber(kth[2]) + window)
-end
-local wait = slot - now
-if wait > tonumber(ARGV[3]) then return {0, tostring(wait), fleet, used} end
-redis.call('ZADD', KEYS[1], slot, ARGV[10])
-redis.call('PEXPIRE', KEYS[1], math.ceil((window + 60) * 1000))
-return {1, tostring(wait), fleet, used + 1}
-"""
 
 
 class _NoSlot(Exception):
@@ -103,13 +63,13 @@ class Grant:
 
 
 class UpstreamBudget:
-    """Slots for Amplitude calls: one shared log through Redis, else this process's share."""
+    """Slots for Amplitude calls: one log in the shared tier, else this process's share."""
 
     def __init__(
         self,
         per_minute: int,
         shares: int,
-        redis_tier: RedisTier | None = None,
+        shared: SharedTier | None = None,
         clock: Clock = SYSTEM_CLOCK,
         window: float = 60.0,
         live_reserve: int = 1,
@@ -117,7 +77,7 @@ class UpstreamBudget:
         self.per_minute = per_minute
         self.window = window
         self.live_reserve = live_reserve
-        self.redis = redis_tier
+        self.shared = shared
         self.min_fleet = max(1, shares)
         self._clock = clock
         self._now = clock.monotonic
@@ -126,26 +86,25 @@ class UpstreamBudget:
         self._last_live = float("-inf")
         self.process_id = secrets.token_hex(6)
         started = self._now()
-        # Without Redis: this process's share, ramping up as if its predecessor (a
+        # Without a shared tier: this process's share, ramping up as if its predecessor (a
         # restart) had spent the limit evenly over the last window.
         self._local = SlidingWindow(per_minute // self.min_fleet, window, clock)
-        if redis_tier is None:
+        if shared is None:
             self._local.occupy(self._local.limit, spread=window)
-        # With Redis: what the shared log last said, and the fallback while it is away.
+        # With one: what the shared log last said, and the fallback while it is away.
         self._fleet = self.min_fleet
-        self._last_shared = started  # until Redis answers, assume it just did (strictest)
+        self._last_shared = started  # until the tier answers, assume it just did (strictest)
         self._used = 0
         self._fallback: SlidingWindow | None = None
         self._unmerged: list[float] = []
-        # This process's own grants in the window, to write back if Redis lost the log
-        # (restarted without persistence) while this process could not see it.
+        # This process's own grants in the window, to write back if the tier lost the log
+        # (Redis restarted without persistence) while this process could not see it.
         self._own: deque[float] = deque()
         self._remerge = False
         self._recovered_at = float("-inf")
-        self._script = redis_tier.script(_ADMIT_LUA) if redis_tier else None
         self._heartbeat: threading.Thread | None = None
         self._closed = threading.Event()
-        if redis_tier is not None:
+        if shared is not None:
             # Counted in the fleet from the start, not from the first miss: the others'
             # fallback shares are computed from the fleet's size.
             self._start_heartbeat()
@@ -153,11 +112,10 @@ class UpstreamBudget:
     def close(self) -> None:
         """Stop the heartbeat and leave the fleet, so the others need not hold back this share."""
         self._closed.set()
-        if self.redis is not None and self._heartbeat is not None:
-            key, member = self.redis.key("fleet"), self.process_id
+        if self.shared is not None and self._heartbeat is not None:
             try:
-                self.redis.run(lambda client: client.zrem(key, member))
-            except RedisUnavailable:
+                self.shared.leave_fleet(self.process_id)
+            except SharedUnavailable:
                 pass
 
     # -- admission -------------------------------------------------------------------
@@ -191,9 +149,9 @@ class UpstreamBudget:
         remaining_backoff = self._backoff_until - self._now()
         if remaining_backoff > 0:
             self._turn_away(remaining_backoff)
-        wait = self._acquire_shared(max_wait, bulk) if self.redis is not None else None
+        wait = self._acquire_shared(max_wait, bulk) if self.shared is not None else None
         if wait is None:
-            window = self._local if self.redis is None else self._fallback_window()
+            window = self._local if self.shared is None else self._fallback_window()
             wait = self._acquire_local(window, max_wait, bulk)
         return wait
 
@@ -207,7 +165,7 @@ class UpstreamBudget:
         return window.limit
 
     def _acquire_local(self, window: SlidingWindow | None, max_wait: float, bulk: bool) -> float:
-        if window is None:  # cut off from Redis too recently, or for too long
+        if window is None:  # cut off from the shared tier too recently, or for too long
             self._turn_away(self._fallback_retry_after())
         ceiling = self._ceiling(window, bulk)
         wait = window.reserve(max_wait, ceiling)
@@ -226,20 +184,20 @@ class UpstreamBudget:
                 self._unmerged.append(stamp)
 
     def _acquire_shared(self, max_wait: float, bulk: bool) -> float | None:
-        """A slot from the shared log; None when Redis did not answer (use the fallback)."""
-        result = self._run_script(max_wait, bulk, heartbeat_only=False)
+        """A slot from the shared log; None when the tier did not answer (use the fallback)."""
+        result = self._run_shared(max_wait, bulk, heartbeat_only=False)
         if result is None:
             return None
         granted, wait = result
-        if granted < 0:  # a 429 back-off recorded by another process
+        if granted == BACKING_OFF:  # a 429 back-off recorded by another process
             self._backoff_until = max(self._backoff_until, self._now() + wait)
         if granted <= 0:
             self._turn_away(wait)
         self._remember(self._now() + wait)
         return wait
 
-    def _run_script(self, max_wait: float, bulk: bool, heartbeat_only: bool) -> tuple[int, float] | None:
-        if self.redis is None or self._script is None:
+    def _run_shared(self, max_wait: float, bulk: bool, heartbeat_only: bool) -> tuple[int, float] | None:
+        if self.shared is None:
             return None
         self._start_heartbeat()
         with self._lock:
@@ -251,17 +209,16 @@ class UpstreamBudget:
             # For a horizon after an outage, the fleet known before it still counts.
             recent_outage = remerge or now - self._recovered_at < FLEET_HORIZON_SECONDS
             remembered_fleet = self._fleet if recent_outage else 0
-        keys = [self.redis.key(name) for name in ("admission", "backoff", "fleet", "live")]
-        args: list[Any] = [
-            self.per_minute, self.window, max_wait, int(bulk), self.live_reserve, self.process_id,
-            HEARTBEAT_TIMEOUT_SECONDS, FLEET_HORIZON_SECONDS, int(heartbeat_only),
-            f"{self.process_id}:{secrets.token_hex(4)}", remembered_fleet,
-            *(f"{now - stamp:.6f}" for stamp in merging),
-        ]  # fmt: skip
-        script: Any = self._script
+        request = AdmitRequest(
+            limit=self.per_minute, window=self.window, max_wait=max_wait, bulk=bulk, live_reserve=self.live_reserve,
+            process_id=self.process_id, grant_id=f"{self.process_id}:{secrets.token_hex(4)}",
+            heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS, fleet_horizon=FLEET_HORIZON_SECONDS,
+            heartbeat_only=heartbeat_only, remembered_fleet=remembered_fleet,
+            merge_ages=tuple(now - stamp for stamp in merging),
+        )  # fmt: skip
         try:
-            granted, wait, fleet, used = self.redis.run(lambda client: script(keys=keys, args=args, client=client))
-        except RedisUnavailable:
+            reply = self.shared.admit(request)
+        except SharedUnavailable:
             with self._lock:
                 if not remerge:
                     self._unmerged = merging + self._unmerged
@@ -272,15 +229,15 @@ class UpstreamBudget:
                 self._recovered_at = self._now()
             self._remerge = False
             self._last_shared = self._now()
-            self._fleet = max(1, int(fleet))
-            self._used = int(used)
+            self._fleet = max(1, reply.fleet)
+            self._used = reply.used
             self._fallback = None
-        return int(granted), float(wait)
+        return reply.granted, reply.wait
 
-    # -- cut off from Redis ----------------------------------------------------------------
+    # -- cut off from the shared tier ------------------------------------------------------
 
     def _fallback_window(self) -> SlidingWindow | None:
-        """This process's share while Redis is away, once it is safe to use; else None."""
+        """This process's share while the shared tier is away, once it is safe to use; else None."""
         silent_for = self._now() - self._last_shared
         if silent_for < self.window + HEARTBEAT_TIMEOUT_SECONDS or silent_for > FLEET_HORIZON_SECONDS:
             return None
@@ -307,36 +264,35 @@ class UpstreamBudget:
     def _beat(self) -> None:
         while not self._closed.wait(HEARTBEAT_TIMEOUT_SECONDS / 3):
             try:
-                self._run_script(0.0, False, heartbeat_only=True)
+                self._run_shared(0.0, False, heartbeat_only=True)
             except Exception:  # never let the heartbeat die
                 log.exception("budget heartbeat failed")
 
     # -- 429s and reporting --------------------------------------------------------------
 
     def back_off(self, seconds: float) -> None:
-        """Stop calling Amplitude for *seconds*, in every process sharing Redis."""
+        """Stop calling Amplitude for *seconds*, in every process sharing the tier."""
         self._backoff_until = max(self._backoff_until, self._now() + seconds)
         log.warning("Amplitude answered 429: pausing upstream calls for %.0f s", seconds)
-        if self.redis is not None:
-            key = self.redis.key("backoff")
+        if self.shared is not None:
             try:
-                self.redis.run(lambda client: client.set(key, "1", px=max(1, int(seconds * 1000))))
-            except RedisUnavailable:
+                self.shared.back_off(seconds)
+            except SharedUnavailable:
                 pass
 
     def _turn_away(self, seconds: float) -> NoReturn:
         raise _NoSlot(seconds)
 
     def used(self) -> int:
-        """Calls granted in the trailing window (the shared log's count when Redis answers)."""
-        if self.redis is not None and self._fallback is None:
+        """Calls granted in the trailing window (the shared log's count when the tier answers)."""
+        if self.shared is not None and self._fallback is None:
             return self._used
-        window = self._local if self.redis is None else self._fallback
+        window = self._local if self.shared is None else self._fallback
         return window.used() if window is not None else 0
 
     def tokens_left(self) -> float:
         """Slots still free in the trailing window."""
-        limit = self._local.limit if self.redis is None else self.per_minute
+        limit = self._local.limit if self.shared is None else self.per_minute
         return float(max(0, limit - self.used()))
 
 

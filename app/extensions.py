@@ -20,6 +20,8 @@ from app.observability import Metrics
 from app.settings import Settings
 from app.stores.profiles import ProfileStore
 from app.stores.redis import RedisTier
+from app.stores.redis_shared import RedisShared
+from app.stores.shared import SharedTier
 from app.upstream import AmplitudeClient
 
 
@@ -44,17 +46,19 @@ class ProxyExtensions:
     gauges: GaugePublisher
     openapi: dict[str, Any] | None = None
     edge: Any = None  # the CachedHitEdge, when EDGE_HITS is on
+    shared: SharedTier | None = None  # Redis, else nothing
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> ProxyExtensions:
         redis_tier = (
             RedisTier(settings.redis_url, settings.redis_timeout_seconds, clock=clock) if settings.redis_url else None
         )
+        shared: SharedTier | None = RedisShared(redis_tier) if redis_tier is not None else None
         window = settings.admission_window_seconds
         budget = UpstreamBudget(
             settings.upstream_rate_limit_per_minute,
             settings.upstream_budget_shares,
-            redis_tier,
+            shared,
             clock=clock,
             window=window,
             live_reserve=settings.live_reserve,
@@ -62,10 +66,8 @@ class ProxyExtensions:
         breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, clock=clock)
         # A claim outlives the longest call it covers, so it is never released by expiry mid-call.
         claim_ttl = settings.request_deadline_seconds + settings.upstream_read_timeout
-        store = ProfileStore(
-            Freshness.from_settings(settings), settings.cache_max_entries, claim_ttl, redis_tier, clock
-        )
-        metrics = Metrics(shared_budget=redis_tier is not None)
+        store = ProfileStore(Freshness.from_settings(settings), settings.cache_max_entries, claim_ttl, shared, clock)
+        metrics = Metrics(shared_budget=shared is not None)
         braze_watch = BrazeFailureWatch(
             metrics, clock, settings.braze_failure_warn_share, settings.braze_failure_warn_min
         )
@@ -103,11 +105,12 @@ class ProxyExtensions:
             failure_brake=FailureBrake(settings.auth_failure_limit_per_minute, clock=clock),
             braze_watch=braze_watch,
             gauges=gauges,
+            shared=shared,
         )
 
     def close(self) -> None:
         self.gauges.close()
         self.budget.close()
         self.profiles.close()
-        if self.redis is not None:
-            self.redis.close()
+        if self.shared is not None:
+            self.shared.close()  # and the Redis tier under it

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 HIT, MISS, STALE = "HIT", "MISS", "STALE"
 
-#: How often a flight waiting on another process's call looks in Redis.
+#: How often a flight waiting on another process's call looks in the shared tier.
 SHARED_POLL_SECONDS = 0.02
 
 #: A miss with less than this left of its deadline starts no upstream work: it has waited
@@ -116,7 +116,7 @@ class ProfileLookup:
         if query.identity.never_stored:
             _note(trace, "never_stored")
             raise UserNotFound()
-        view = self.store.read(query)
+        view = self.store.read(query, deadline)
         decision = decide(view.entry, view.negative, self.clock.time(), self.freshness)
         if decision.action is Action.SERVE:
             return self._answer(decision.entry, HIT, trace)
@@ -248,7 +248,7 @@ class ProfileLookup:
         """
         while not deadline.expired():
             self.clock.sleep(deadline.capped(SHARED_POLL_SECONDS))
-            view, pending = self.store.watch(query, holder)
+            view, pending = self.store.watch(query, holder, deadline)
             now = self.clock.time()
             for stored in (view.entry, view.negative):
                 if stored is not None and self.freshness.is_fresh(stored, now):

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import redis
 
 from app.clock import SYSTEM_CLOCK, Clock
+from app.stores.shared import SharedUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ T = TypeVar("T")
 RETRY_AFTER_FAILURE_SECONDS = 1.0
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(SharedUnavailable):
     """Redis could not answer in time; callers carry on with local state."""
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from app.budget import FLEET_HORIZON_SECONDS, HEARTBEAT_TIMEOUT_SECONDS, UpstreamBudget
 from app.core.window import SlidingWindow
 from app.errors import RateLimited
-from app.stores.redis import RedisUnavailable
+from app.stores.shared import AdmitReply, AdmitRequest, SharedUnavailable
 from testkit.clock import FakeClock
 
 WINDOW = 60.5  # 60 s plus the default connect timeout
@@ -132,22 +132,21 @@ def test_while_live_traffic_is_there_bulk_leaves_the_reserve_to_it():
         budget.acquire(0.0, bulk=True)
 
 
-class DownRedis:
-    """A Redis tier that never answers (a hand-written fake: no socket)."""
+class DownTier:
+    """A shared tier that never answers (a hand-written fake: no socket, no file)."""
 
-    def key(self, *parts: str) -> str:
-        return ":".join(parts)
+    name = "down"
 
-    def script(self, source: str) -> object:
-        return object()
+    def admit(self, request: AdmitRequest) -> AdmitReply:
+        raise SharedUnavailable("down")
 
-    def run(self, operation: object) -> object:
-        raise RedisUnavailable("down")
+    def leave_fleet(self, process_id: str) -> None:
+        raise SharedUnavailable("down")
 
 
-def test_cut_off_from_redis_a_process_waits_a_window_then_uses_its_fleet_share_for_a_while():
+def test_cut_off_from_the_shared_tier_a_process_waits_a_window_then_uses_its_fleet_share_for_a_while():
     clock = FakeClock()
-    budget = UpstreamBudget(60, shares=4, redis_tier=DownRedis(), clock=clock, window=WINDOW)  # type: ignore[arg-type]
+    budget = UpstreamBudget(60, shares=4, shared=DownTier(), clock=clock, window=WINDOW)  # type: ignore[arg-type]
     budget.close()  # stops its heartbeat thread
     with pytest.raises(RateLimited) as refused:
         budget.acquire(0.0)  # what the fleet spent through Redis may still be in the window

@@ -1,0 +1,150 @@
+"""The shared tier in Redis: every operation one Lua script (or one command), for every machine.
+
+Redis keeps the time (``TIME`` in the admission script), expiry (``PX``) and atomicity
+(a script runs alone). Keys are ``PREFIX:NAME`` (``ampproxy:p:KEY``, ``ampproxy:admission``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from app.clock import Deadline
+from app.stores.redis import RedisTier
+from app.stores.shared import AdmitReply, AdmitRequest, ClaimReply
+
+# Take the claim if it is free and return what is stored now, in one round trip; if it
+# is taken, return the holder's token.
+_CLAIM_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('GET', KEYS[2]) or false, redis.call('GET', KEYS[3]) or false}
+end
+return {0, redis.call('GET', KEYS[1]) or false}
+"""
+
+# Write the answer, then release our own claim (never a successor's): one operation.
+_PUBLISH_LUA = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# Release our own claim, leaving word of why for the processes waiting on it.
+_ABANDON_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[1] .. '\\n' .. ARGV[2], 'PX', ARGV[3]) end
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
+# The sliding log of grants, the fleet's heartbeats, the 429 back-off and the last live
+# request, in one step (see app.budget for what each part is for).
+_ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local hb_timeout, horizon = tonumber(ARGV[7]), tonumber(ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - horizon)
+redis.call('ZADD', KEYS[3], now, ARGV[6])
+redis.call('PEXPIRE', KEYS[3], math.ceil(horizon * 1000))
+local alive = redis.call('ZCOUNT', KEYS[3], now - hb_timeout, '+inf')
+-- A process back from an outage remembers the fleet it knew: if Redis restarted empty, the
+-- processes not heard from since may still be spending their shares on their own.
+local fleet = math.max(redis.call('ZCARD', KEYS[3]), tonumber(ARGV[11]))
+local quiet = fleet - alive
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+for i = 12, #ARGV do
+  local stamp = now - tonumber(ARGV[i])
+  if stamp > now - window then redis.call('ZADD', KEYS[1], stamp, ARGV[10] .. ':m' .. i) end
+end
+local used = redis.call('ZCARD', KEYS[1])
+if ARGV[9] == '1' then return {2, '0', fleet, used} end
+local backoff = redis.call('PTTL', KEYS[2])
+if backoff > 0 then return {-1, tostring(backoff / 1000), fleet, used} end
+local ceiling = limit - math.floor(limit / fleet) * quiet
+if ARGV[4] == '1' then
+  local live = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if now - live < window then ceiling = ceiling - tonumber(ARGV[5]) end
+else
+  redis.call('SET', KEYS[4], tostring(now), 'PX', math.ceil(window * 1000))
+end
+if ceiling <= 0 then return {0, tostring(window), fleet, used} end
+local slot = now
+if used >= ceiling then
+  local kth = redis.call('ZRANGE', KEYS[1], used - ceiling, used - ceiling, 'WITHSCORES')
+  slot = math.max(slot, tonumber(kth[2]) + window)
+end
+local wait = slot - now
+if wait > tonumber(ARGV[3]) then return {0, tostring(wait), fleet, used} end
+redis.call('ZADD', KEYS[1], slot, ARGV[10])
+redis.call('PEXPIRE', KEYS[1], math.ceil((window + 60) * 1000))
+return {1, tostring(wait), fleet, used + 1}
+"""
+
+
+def _bytes(raw: Any) -> bytes | None:
+    return raw if isinstance(raw, bytes) else None
+
+
+class RedisShared:
+    """:class:`app.stores.shared.SharedTier` over a :class:`RedisTier` (which raises
+    :class:`app.stores.redis.RedisUnavailable`, a :class:`SharedUnavailable`)."""
+
+    name = "redis"
+
+    def __init__(self, tier: RedisTier) -> None:
+        self.tier = tier
+        self._claim = tier.script(_CLAIM_LUA)
+        self._publish = tier.script(_PUBLISH_LUA)
+        self._abandon = tier.script(_ABANDON_LUA)
+        self._admit = tier.script(_ADMIT_LUA)
+
+    def available(self) -> bool:
+        return self.tier.available()
+
+    def get(self, keys: Sequence[str], deadline: Deadline | None = None) -> list[bytes | None]:
+        # The socket timeout (REDIS_TIMEOUT_SECONDS) bounds the wait, deadline or not.
+        names = [self.tier.key(key) for key in keys]
+        return [_bytes(raw) for raw in self.tier.run(lambda client: client.mget(names))]
+
+    def claim(self, lock: str, token: str, ttl_ms: int, entry: str, negative: str) -> ClaimReply:
+        keys = [self.tier.key(lock), self.tier.key(entry), self.tier.key(negative)]
+        script = self._claim
+        result = self.tier.run(lambda client: script(keys=keys, args=[token, ttl_ms], client=client))
+        if int(result[0]) == 1:
+            return ClaimReply(True, _bytes(result[1]), _bytes(result[2]))
+        holder = _bytes(result[1])
+        return ClaimReply(False, holder=holder.decode() if holder is not None else None)
+
+    def publish(self, key: str, value: bytes, ttl_ms: int, lock: str, token: str) -> None:
+        keys = [self.tier.key(key), self.tier.key(lock)]
+        script = self._publish
+        self.tier.run(lambda client: script(keys=keys, args=[value, ttl_ms, token], client=client))
+
+    def abandon(self, lock: str, note: str, token: str, failure: str, note_ms: int) -> None:
+        keys = [self.tier.key(lock), self.tier.key(note)]
+        script = self._abandon
+        self.tier.run(lambda client: script(keys=keys, args=[token, failure, note_ms], client=client))
+
+    def admit(self, request: AdmitRequest) -> AdmitReply:
+        keys = [self.tier.key(name) for name in ("admission", "backoff", "fleet", "live")]
+        args: list[Any] = [
+            request.limit, request.window, request.max_wait, int(request.bulk), request.live_reserve,
+            request.process_id, request.heartbeat_timeout, request.fleet_horizon, int(request.heartbeat_only),
+            request.grant_id, request.remembered_fleet, *(f"{age:.6f}" for age in request.merge_ages),
+        ]  # fmt: skip
+        script = self._admit
+        granted, wait, fleet, used = self.tier.run(lambda client: script(keys=keys, args=args, client=client))
+        return AdmitReply(int(granted), float(wait), int(fleet), int(used))
+
+    def leave_fleet(self, process_id: str) -> None:
+        key = self.tier.key("fleet")
+        self.tier.run(lambda client: client.zrem(key, process_id))
+
+    def back_off(self, seconds: float) -> None:
+        key = self.tier.key("backoff")
+        self.tier.run(lambda client: client.set(key, "1", px=max(1, int(seconds * 1000))))
+
+    def close(self) -> None:
+        self.tier.close()
