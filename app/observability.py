@@ -61,6 +61,7 @@ class RequestTrace:
     caller: str | None = None
     cache: str | None = None
     upstream_ms: float = 0.0
+    queue_ms: float = 0.0  # from arrival until the service started on it (waiting for a thread)
     deadline: Any = None
     identity: Any = None
     raw_query: str = ""
@@ -253,7 +254,12 @@ class Metrics:
             ["route", "status", "caller"], registry=reg,
         )  # fmt: skip
         self.latency = Histogram(
-            "proxy_request_duration_seconds", "Time to answer a request, by route template.", ["route"],
+            "proxy_request_duration_seconds", "Time to answer a request from its arrival (queue time included), "
+            "by route template.", ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0), registry=reg,
+        )  # fmt: skip
+        self.queue = Histogram(
+            "proxy_request_queue_seconds", "Time a request waited, from its arrival, for a thread to start on it.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0), registry=reg,
         )  # fmt: skip
         self.cache = Counter("proxy_cache_lookups", "Cache outcomes: hit, miss, stale, negative, never_stored.",
@@ -456,6 +462,7 @@ def _drain(source: queue.SimpleQueue[_T], first: _T, most: int = 1024) -> list[_
 def _count(metrics: Metrics, fields: dict[str, Any]) -> None:
     try:
         metrics.count_request(fields["route"], fields["status"], fields["caller"] or "-", fields["total_ms"] / 1000)
+        metrics.queue.observe(fields["queue_ms"] / 1000)
         if fields["cache"]:
             metrics.cache.labels(fields["cache"]).inc()
     except Exception:  # a metrics fault must not stop the log
@@ -498,6 +505,7 @@ def log_request(
         "status": status,
         "cache": trace.cache,
         "upstream_ms": round(trace.upstream_ms, 2),
+        "queue_ms": round(trace.queue_ms, 2),
         "total_ms": round((now - trace.started) * 1000, 2),
         "caller": trace.caller,
     }

@@ -30,6 +30,7 @@ def test_a_miss_that_already_waited_too_long_starts_no_call(service, sim, capsys
     assert sim.calls == 0
     lines = access_lines(capsys)
     assert all(line["total_ms"] >= 1200 for line in lines)  # counted from the front's stamp
+    assert all(line["queue_ms"] >= 1200 for line in lines)  # and shown as time queued
 
 
 def test_a_cached_answer_is_served_however_long_it_waited(service, sim):

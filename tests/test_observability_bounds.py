@@ -128,7 +128,8 @@ def test_a_stalled_stdout_drops_lines_past_the_bound_and_counts_every_request(ca
 def test_a_stalled_log_reader_neither_grows_memory_nor_freezes_metrics(sim: AmplitudeSimulator, tmp_path: Path):
     """Stdout a pipe nobody reads, 16 clients of cached hits for 45 s (the issue's case)."""
     port = free_port()
-    env = gunicorn_env(base_env(sim), port, [*SettingsSchema().fields, "WEB_CONCURRENCY"])
+    # One worker, whatever the default: its memory and its counts are what is measured.
+    env = gunicorn_env(base_env(sim, WEB_CONCURRENCY=1), port, [*SettingsSchema().fields, "WEB_CONCURRENCY"])
     env["PYTHONUNBUFFERED"] = "1"
     stderr_path = tmp_path / "gunicorn-stderr.log"
     with open(stderr_path, "wb") as stderr:

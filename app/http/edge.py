@@ -95,6 +95,7 @@ class CachedHitEdge:
         trace = RequestTrace(request_id_from(environ.get("HTTP_X_REQUEST_ID")), arrival, extensions)
         trace.raw_query = raw_query
         trace.caller = caller
+        trace.queue_ms = max(0.0, extensions.clock.monotonic() - arrival) * 1000
         trace.deadline = None  # the views read this as "this process's cache, or nothing"
         return trace
 

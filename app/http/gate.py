@@ -79,6 +79,7 @@ def admit(endpoint: str | None, values: dict[str, Any] | None) -> None:
     trace = RequestTrace(request_id_from(environ.get("HTTP_X_REQUEST_ID")), arrival, extensions)
     trace.raw_query = environ.get("QUERY_STRING", "")
     trace.deadline = Deadline.after(clock, settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS, arrival)
+    trace.queue_ms = max(0.0, clock.monotonic() - arrival) * 1000
     g.trace = trace
     if extensions.allowlist and request.path not in UNGATED_PATHS:
         if not extensions.allowlist.allows(request.remote_addr):
