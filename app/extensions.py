@@ -22,6 +22,7 @@ from app.stores.profiles import ProfileStore
 from app.stores.redis import RedisTier
 from app.stores.redis_shared import RedisShared
 from app.stores.shared import SharedTier
+from app.stores.sqlite import SqliteShared
 from app.upstream import AmplitudeClient
 
 
@@ -46,7 +47,7 @@ class ProxyExtensions:
     gauges: GaugePublisher
     openapi: dict[str, Any] | None = None
     edge: Any = None  # the CachedHitEdge, when EDGE_HITS is on
-    shared: SharedTier | None = None  # Redis, else nothing
+    shared: SharedTier | None = None  # Redis, else the machine's SQLite file, else nothing
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> ProxyExtensions:
@@ -54,6 +55,9 @@ class ProxyExtensions:
             RedisTier(settings.redis_url, settings.redis_timeout_seconds, clock=clock) if settings.redis_url else None
         )
         shared: SharedTier | None = RedisShared(redis_tier) if redis_tier is not None else None
+        if settings.shared_state_path:
+            # Waits for the file take at most a third of the deadline, leaving the rest to Amplitude.
+            shared = SqliteShared(settings.shared_state_path, clock, timeout=settings.request_deadline_seconds / 3)
         window = settings.admission_window_seconds
         budget = UpstreamBudget(
             settings.upstream_rate_limit_per_minute,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -69,6 +70,7 @@ class Settings:
     breaker_cooldown_seconds: float = 10.0
     redis_url: str | None = None
     redis_timeout_seconds: float = 0.1
+    shared_state_path: str | None = None
     allowed_cidrs: tuple[str, ...] = ()
     trusted_proxy_count: int = 0
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -191,6 +193,16 @@ def _not_blank(value: str) -> None:
         raise ValidationError("must not be blank")
 
 
+def _state_file(value: str) -> None:
+    # The value is never echoed: one line names the variable and what is wrong.
+    if not os.path.isabs(value):
+        raise ValidationError("must be an absolute path")
+    if not os.path.isdir(os.path.dirname(value)):
+        raise ValidationError("its directory does not exist")
+    if os.path.isdir(value):
+        raise ValidationError("is a directory, not a file")
+
+
 def _seconds(default: float, minimum: float = 0.0, maximum: float = 10**7) -> mf.Float:
     return mf.Float(load_default=default, validate=Range(min=minimum, max=maximum))
 
@@ -237,6 +249,7 @@ class SettingsSchema(Schema):
     BREAKER_COOLDOWN_SECONDS = _seconds(10.0, minimum=0.1, maximum=3600)
     REDIS_URL = mf.String(load_default=None, allow_none=True)
     REDIS_TIMEOUT_SECONDS = _seconds(0.1, minimum=0.005, maximum=1.0)
+    SHARED_STATE_PATH = mf.String(load_default=None, allow_none=True, validate=_state_file)
     ALLOWED_CIDRS = CidrList(load_default=())
     TRUSTED_PROXY_COUNT = mf.Integer(load_default=0, strict=False, validate=Range(min=0, max=10))
     FORWARDED_ALLOW_IPS = ProxyList(load_default=("127.0.0.1", "::1"))
@@ -277,6 +290,11 @@ class SettingsSchema(Schema):
         redis_url = data.get("REDIS_URL")
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValidationError("must start with redis://, rediss:// or unix://", "REDIS_URL")
+        if redis_url and data.get("SHARED_STATE_PATH"):
+            raise ValidationError(
+                "set REDIS_URL (shared across machines) or SHARED_STATE_PATH (one machine), not both",
+                "SHARED_STATE_PATH",
+            )
 
 
 def first_problem(exc: ValidationError) -> tuple[str, str]:

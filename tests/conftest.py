@@ -18,6 +18,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from app import create_app
 from app.clock import SYSTEM_CLOCK, Clock
 from app.settings import SettingsSchema
+from app.stores.sqlite_schema import initialise
 from simulator import AmplitudeSimulator
 from testkit.clock import FakeClock
 from testkit.processes import RedisServer, free_port, gunicorn_env, start_gunicorn
@@ -147,6 +148,25 @@ def redis_url(redis_session: RedisServer | str) -> str:
         redis_session.start()
     flush_redis(url)
     return url
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path) -> dict[str, str]:
+    """Settings for services sharing one new SQLite file: two services on it are two processes
+    of one machine. Like a clean Redis, the file knows nothing was spent before it."""
+    path = str(tmp_path / "shared.sqlite3")
+    initialise(path, history_known=True)
+    return {"SHARED_STATE_PATH": path}
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def shared_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings for services that share cache, claims and budget: a clean Redis, or a new SQLite file."""
+    return (
+        {"REDIS_URL": request.getfixturevalue("redis_url")}
+        if request.param == "redis"
+        else request.getfixturevalue("sqlite_env")
+    )
 
 
 @pytest.fixture

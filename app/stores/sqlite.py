@@ -1,0 +1,254 @@
+"""The shared tier in one SQLite file: every process of one machine, and no server to run.
+
+What Redis gives the Redis tier, this gives the processes of one machine:
+
+- **Atomic operations.** Each operation that writes is one transaction, taking the
+  file's write lock before it reads anything, so it runs alone across processes as a Lua
+  script runs alone in Redis: one statement (a claim is one ``INSERT ... RETURNING``; a
+  publish or an abandon is one ``INSERT`` into a view whose trigger does its writes, see
+  :mod:`app.stores.sqlite_schema`), or for admission, which decides in Python, one
+  ``BEGIN IMMEDIATE`` transaction (:mod:`app.stores.sqlite_admission`). Within a process
+  one thread at a time writes (a lock in front of one connection), so the processes, not
+  dozens of threads, take turns at the file. Reads are one ``SELECT`` each: WAL mode
+  gives them a snapshot without waiting for the writer.
+- **One clock.** Expiry and the admission log use wall time (``clock.time()``; for
+  admission read with the lock held, so the log's stamps follow the order of its
+  writes), which every process on one machine shares, as every client of a Redis shares
+  its ``TIME``. A wall clock stepped back makes grants look newer
+  (stricter); the file never holds monotonic times, which restart at boot.
+- **Bounded waits.** An operation waits at most ``timeout`` for the file's lock
+  (``busy_timeout``: a third of the request deadline), and a read never past the
+  request's own deadline. Only upstream flights write, never a request thread: a request
+  waits for its flight only until its deadline, so a write queued behind this process's
+  other writers (for at most three times ``timeout``) holds up no answer. A busy,
+  missing or broken file raises :class:`SharedUnavailable` and is left alone for a
+  second, as an unreachable Redis is: the caller carries on with its local cache and
+  budget share.
+
+Expired rows are deleted a few at a time by each publish, so the file holds what Redis
+would: every answer until its stale-if-error horizon ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from app.clock import SYSTEM_CLOCK, Clock, Deadline
+from app.stores.shared import AdmitReply, AdmitRequest, ClaimReply, SharedUnavailable
+from app.stores.sqlite_admission import admit
+from app.stores.sqlite_schema import connect, initialise
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The longest an operation waits for the file's lock (``busy_timeout``) by default; the
+#: service passes a third of ``REQUEST_DEADLINE_SECONDS``.
+TIMEOUT_SECONDS = 0.5
+#: After a failure, how long to serve without the file before trying it again.
+RETRY_AFTER_FAILURE_SECONDS = 1.0
+
+#: Keys one read statement looks up (every read of the stores asks for two or four).
+_GET_KEYS = 4
+_GET = "SELECT key, value FROM kv WHERE key IN (?, ?, ?, ?) AND expires_at > ?"
+
+# Take the claim unless another holds it unexpired, and return its holder (our token when
+# taken) with what is stored for the profile: one statement.
+_CLAIM = """
+INSERT INTO kv (key, value, expires_at) VALUES (:lock, :token, :until)
+ON CONFLICT (key) DO UPDATE SET
+  value = CASE WHEN kv.expires_at <= :now THEN excluded.value ELSE kv.value END,
+  expires_at = CASE WHEN kv.expires_at <= :now THEN excluded.expires_at ELSE kv.expires_at END
+RETURNING value,
+  (SELECT value FROM kv WHERE key = :entry AND expires_at > :now),
+  (SELECT value FROM kv WHERE key = :negative AND expires_at > :now)
+"""
+
+
+class SqliteShared:
+    """:class:`app.stores.shared.SharedTier` in one SQLite file shared by a machine's processes."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str, clock: Clock = SYSTEM_CLOCK, timeout: float = TIMEOUT_SECONDS) -> None:
+        initialise(path, clock)
+        self.path = path
+        self.timeout = timeout
+        self._clock = clock
+        self._now = clock.monotonic
+        self._writing = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._readers = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._healthy = True
+        self._closed = False
+        self.last_error: str | None = None
+
+    # -- health ------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def available(self) -> bool:
+        return not self._closed and (self._healthy or self._now() >= self._down_until)
+
+    def _failed(self, exc: BaseException) -> SharedUnavailable:
+        with self._lock:
+            self._down_until = self._now() + RETRY_AFTER_FAILURE_SECONDS
+            self.last_error = type(exc).__name__
+            if self._healthy:
+                self._healthy = False
+                log.warning(
+                    "shared state file unavailable (%s: %s); serving from local cache and local budget share",
+                    type(exc).__name__,
+                    exc,
+                )
+        return SharedUnavailable(str(exc))
+
+    def _succeeded(self) -> None:
+        if not self._healthy:
+            with self._lock:
+                if not self._healthy:
+                    self._healthy = True
+                    log.warning("shared state file answers again; sharing cache and budget through it")
+
+    def _check(self) -> None:
+        if not self.available():
+            raise SharedUnavailable(self.last_error or "shared state unavailable")
+
+    # -- running operations --------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        db = connect(self.path, self.timeout)
+        with self._lock:
+            self._connections.append(db)
+        return db
+
+    def _read(self, query: Callable[[sqlite3.Connection, float], T], deadline: Deadline | None) -> T:
+        """Run *query* (one statement: its own snapshot) on this thread's connection."""
+        self._check()
+        wait_ms = int((self.timeout if deadline is None else deadline.capped(self.timeout)) * 1000)
+        if wait_ms <= 0:
+            raise SharedUnavailable("no time left to read shared state")
+        try:
+            db: sqlite3.Connection | None = getattr(self._readers, "db", None)
+            if db is None:
+                db = self._readers.db = self._open()
+                self._readers.wait_ms = int(self.timeout * 1000)
+            if self._readers.wait_ms != wait_ms:
+                db.execute(f"PRAGMA busy_timeout = {wait_ms:d}")
+                self._readers.wait_ms = wait_ms
+            result = query(db, self._clock.time())
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        self._succeeded()
+        return result
+
+    def _write(self, operation: Callable[[sqlite3.Connection, float], T], transaction: bool = True) -> T:
+        """Run *operation* on this process's one writing connection: in one ``BEGIN
+        IMMEDIATE`` transaction, alone across processes, or (``transaction=False``) as the
+        one statement it is, which is a transaction of its own."""
+        self._check()
+        if not self._writing.acquire(timeout=3 * self.timeout):
+            raise self._failed(TimeoutError("this process's writes are queued past the timeout"))
+        try:
+            self._check()  # the writer before this one may have found the file broken
+            db = self._writer
+            if db is None:
+                db = self._writer = self._open()
+            if not transaction:
+                result = operation(db, self._clock.time())
+            else:
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    result = operation(db, self._clock.time())
+                    db.execute("COMMIT")
+                finally:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        finally:
+            self._writing.release()
+        self._succeeded()
+        return result
+
+    # -- the operations ------------------------------------------------------------------
+
+    def get(self, keys: Sequence[str], deadline: Deadline | None = None) -> list[bytes | None]:
+        def select(db: sqlite3.Connection, now: float) -> list[bytes | None]:
+            found: dict[str, bytes] = {}
+            for start in range(0, len(keys), _GET_KEYS):  # one statement (one snapshot) for up to four
+                chunk = list(keys[start : start + _GET_KEYS])
+                chunk += chunk[:1] * (_GET_KEYS - len(chunk))
+                found.update((key, bytes(value)) for key, value in db.execute(_GET, (*chunk, now)))
+            return [found.get(key) for key in keys]
+
+        return self._read(select, deadline)
+
+    def claim(self, lock: str, token: str, ttl_ms: int, entry: str, negative: str) -> ClaimReply:
+        def take(db: sqlite3.Connection, now: float) -> ClaimReply:
+            names = {"lock": lock, "token": token.encode(), "until": now + ttl_ms / 1000, "now": now,
+                     "entry": entry, "negative": negative}  # fmt: skip
+            ((holder, stored, not_found),) = db.execute(_CLAIM, names).fetchall()
+            if bytes(holder) == names["token"]:
+                return ClaimReply(True, _bytes(stored), _bytes(not_found))
+            return ClaimReply(False, holder=bytes(holder).decode())
+
+        return self._write(take, transaction=False)
+
+    def publish(self, key: str, value: bytes, ttl_ms: int, lock: str, token: str) -> None:
+        self._write(
+            lambda db, now: db.execute(
+                "INSERT INTO publish VALUES (?, ?, ?, ?, ?, ?)",
+                (key, value, now + ttl_ms / 1000, lock, token.encode(), now),
+            ),
+            transaction=False,
+        )
+
+    def abandon(self, lock: str, note: str, token: str, failure: str, note_ms: int) -> None:
+        note_value = f"{token}\n{failure}".encode() if failure else None
+        self._write(
+            lambda db, now: db.execute(
+                "INSERT INTO abandon VALUES (?, ?, ?, ?, ?, ?)",
+                (lock, token.encode(), note, note_value, now + note_ms / 1000, now),
+            ),
+            transaction=False,
+        )
+
+    def admit(self, request: AdmitRequest) -> AdmitReply:
+        return self._write(lambda db, now: admit(db, request, now))
+
+    def leave_fleet(self, process_id: str) -> None:
+        self._write(lambda db, now: db.execute("DELETE FROM fleet WHERE member = ?", (process_id,)), False)
+
+    def back_off(self, seconds: float) -> None:
+        self._write(
+            lambda db, now: db.execute(
+                "INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES ('backoff', x'31', ?)",
+                (now + max(0.001, seconds),),
+            ),
+            transaction=False,
+        )
+
+    def close(self) -> None:
+        """Close every connection this object opened (at shutdown: nothing uses them after)."""
+        self._closed = True
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+
+def _bytes(raw: object) -> bytes | None:
+    return bytes(raw) if isinstance(raw, (bytes, memoryview)) else None

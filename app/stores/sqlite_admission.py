@@ -1,0 +1,111 @@
+"""The admission step of the SQLite tier: the Redis script's rules, in SQL and Python.
+
+:func:`admit` runs inside the caller's ``BEGIN IMMEDIATE`` transaction, so it sees and
+changes the log alone, as the Lua script in :mod:`app.stores.redis_shared` does in Redis:
+the fleet's heartbeats, the grants in the window, the 429 back-off and the last live
+request, then a slot if one comes within the caller's wait. It reads in one statement and
+writes in one (:mod:`app.stores.sqlite_schema`'s ``admitted``), so the file's lock is
+held across as few returns to Python as the decision allows.
+
+A file's log may begin with a *ramp*: created at ``since`` without knowing what was
+spent before (a new gunicorn master replacing an old one), it counts the limit as spent
+evenly over the window before ``since`` (as :meth:`app.core.window.SlidingWindow.occupy`
+does in one process), kept as arithmetic rather than rows.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+
+from app.stores.shared import BACKING_OFF, GRANTED, HEARTBEAT, REFUSED, AdmitReply, AdmitRequest
+
+# Everything admission reads, in one statement. This process is counted as if its
+# heartbeat were already written (it is, with the decision).
+_STATE = """
+SELECT (SELECT count(*) FROM fleet WHERE seen > :fleet_horizon AND member != :me),
+       (SELECT count(*) FROM fleet WHERE seen >= :alive_since AND member != :me),
+       (SELECT count(*) FROM grants WHERE stamp > :horizon),
+       (SELECT value FROM meta WHERE name = 'since'),
+       (SELECT expires_at FROM kv WHERE key = 'backoff' AND expires_at > :now),
+       (SELECT value FROM kv WHERE key = 'live' AND expires_at > :now)
+"""
+
+_KTH = "SELECT stamp FROM grants WHERE stamp > ? ORDER BY stamp LIMIT 1 OFFSET ?"
+
+_WRITE = "INSERT INTO admitted (member, now, live_until, slot) VALUES (?, ?, ?, ?)"
+
+
+def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitReply:
+    """One admission attempt (or heartbeat) at *now* (wall time, read inside the transaction).
+
+    Heartbeats delete what has left the window and the fleet; admissions only count past it.
+    """
+    r = request
+    horizon = now - r.window
+    merged = [(now - age,) for age in r.merge_ages if now - age > horizon]
+    if merged:
+        db.executemany("INSERT INTO grants (stamp) VALUES (?)", merged)
+    if r.heartbeat_only:
+        db.execute("DELETE FROM fleet WHERE seen <= ?", (now - r.fleet_horizon,))
+        db.execute("DELETE FROM grants WHERE stamp <= ?", (horizon,))
+    others, others_alive, logged, since, backoff_until, live = db.execute(
+        _STATE,
+        {"fleet_horizon": now - r.fleet_horizon, "alive_since": now - r.heartbeat_timeout, "horizon": horizon,
+         "now": now, "me": r.process_id},
+    ).fetchone()  # fmt: skip
+    # A process back from an outage remembers the fleet it knew (see app.budget).
+    fleet = max(int(others) + 1, r.remembered_fleet)
+    quiet = fleet - (int(others_alive) + 1)
+    ramp = _Ramp(None if since is None else float(since), r.limit, r.window, now)
+    used = ramp.left + int(logged)
+    live_until = None if r.bulk or r.heartbeat_only else now + r.window
+
+    def decided(reply: AdmitReply, slot: float | None = None) -> AdmitReply:
+        db.execute(_WRITE, (r.process_id, now, live_until if reply.granted != BACKING_OFF else None, slot))
+        return reply
+
+    if r.heartbeat_only:
+        return decided(AdmitReply(HEARTBEAT, 0.0, fleet, used))
+    if backoff_until is not None:
+        return decided(AdmitReply(BACKING_OFF, max(0.001, float(backoff_until) - now), fleet, used))
+    ceiling = r.limit - (r.limit // fleet) * quiet
+    if r.bulk and live is not None and now - float(live) < r.window:
+        ceiling -= r.live_reserve
+    if ceiling <= 0:
+        return decided(AdmitReply(REFUSED, r.window, fleet, used))
+    slot = now
+    if used >= ceiling:
+        slot = max(slot, ramp.kth(db, used - ceiling, horizon) + r.window)
+    wait = slot - now
+    if wait > r.max_wait:
+        return decided(AdmitReply(REFUSED, wait, fleet, used))
+    return decided(AdmitReply(GRANTED, wait, fleet, used + 1), slot)
+
+
+class _Ramp:
+    """The grants a log created at ``since`` counts as spent before it, still in the window."""
+
+    def __init__(self, since: float | None, limit: int, window: float, now: float) -> None:
+        self.since = since
+        self.step = window / limit
+        self.window = window
+        self.limit = limit
+        if since is None or now - since >= window:
+            self.left = 0
+        elif now <= since:
+            self.left = limit
+        else:
+            self.left = max(0, limit - math.floor((now - since) / self.step))
+
+    def kth(self, db: sqlite3.Connection, index: int, horizon: float) -> float:
+        """The grant at *index* from the oldest in the window: the ramp's first, then the log's.
+
+        The ramp's grants all come before ``since``, and the log's after it.
+        """
+        if index < self.left and self.since is not None:
+            return self.since - self.window + self.step * (self.limit - self.left + index + 1)
+        row = db.execute(_KTH, (horizon, index - self.left)).fetchone()
+        if row is None:  # cannot happen inside the transaction that counted the log
+            raise sqlite3.DatabaseError("the admission log changed while it was read")
+        return float(row[0])

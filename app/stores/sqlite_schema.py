@@ -1,0 +1,112 @@
+"""The SQLite tier's file: its tables, the operations stored in it, and how it is created.
+
+Tables: ``kv`` (profiles, not-founds, claims, failure notes, the 429 back-off and the
+last live request, each with a wall-time expiry), ``grants`` (the admission log),
+``fleet`` (each process's last heartbeat) and ``meta`` (``since``: when the log began).
+
+Operations that write several rows are stored in the file, as the Lua scripts are in
+Redis: an ``INSERT`` into a view whose ``INSTEAD OF`` trigger does the writes. One
+statement is one transaction, so each such operation takes the file's write lock once,
+does all of its writes and lets go, without coming back to Python in between: a lock
+held across a return to Python is held for as long as the thread then waits for the
+GIL, milliseconds in a busy process.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from app.clock import SYSTEM_CLOCK, Clock
+
+#: Bumped when the tables or stored operations change; a file of another version is refused.
+SCHEMA_VERSION = 1
+#: UPSERT with RETURNING.
+MIN_SQLITE = (3, 35, 0)
+#: How long start-up waits for the file (several workers may open it at once).
+START_TIMEOUT_SECONDS = 10.0
+
+_TABLES = (
+    "CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL)",
+    "CREATE INDEX kv_expiry ON kv (expires_at)",
+    "CREATE TABLE grants (stamp REAL NOT NULL)",
+    "CREATE INDEX grants_stamp ON grants (stamp)",
+    "CREATE TABLE fleet (member TEXT PRIMARY KEY, seen REAL NOT NULL)",
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value REAL)",
+)
+
+_OPERATIONS = (
+    # Write the answer, then release our own claim (never a successor's), then delete up to
+    # eight expired rows (every row was written by a publish, so the purge keeps up): one statement.
+    "CREATE VIEW publish (key, value, expires_at, lock, token, now) AS SELECT 0, 0, 0, 0, 0, 0 WHERE 0",
+    """CREATE TRIGGER publish_op INSTEAD OF INSERT ON publish BEGIN
+      INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (NEW.key, NEW.value, NEW.expires_at);
+      DELETE FROM kv WHERE key = NEW.lock AND value = NEW.token;
+      DELETE FROM kv WHERE rowid IN (SELECT rowid FROM kv WHERE expires_at <= NEW.now LIMIT 8);
+    END""",
+    # Release our own claim, leaving word of why (unless none) for the processes waiting on it.
+    "CREATE VIEW abandon (lock, token, note, note_value, note_expires_at, now) AS SELECT 0, 0, 0, 0, 0, 0 WHERE 0",
+    """CREATE TRIGGER abandon_op INSTEAD OF INSERT ON abandon BEGIN
+      INSERT OR REPLACE INTO kv (key, value, expires_at)
+        SELECT NEW.note, NEW.note_value, NEW.note_expires_at FROM kv
+        WHERE key = NEW.lock AND value = NEW.token AND expires_at > NEW.now AND NEW.note_value IS NOT NULL;
+      DELETE FROM kv WHERE key = NEW.lock AND value = NEW.token;
+    END""",
+    # What an admission writes once it has decided: the heartbeat, the last live request
+    # (unless bulk), the grant (unless refused).
+    "CREATE VIEW admitted (member, now, live_until, slot) AS SELECT 0, 0, 0, 0 WHERE 0",
+    """CREATE TRIGGER admitted_op INSTEAD OF INSERT ON admitted BEGIN
+      INSERT OR REPLACE INTO fleet (member, seen) VALUES (NEW.member, NEW.now);
+      INSERT OR REPLACE INTO kv (key, value, expires_at)
+        SELECT 'live', NEW.now, NEW.live_until WHERE NEW.live_until IS NOT NULL;
+      INSERT INTO grants (stamp) SELECT NEW.slot WHERE NEW.slot IS NOT NULL;
+    END""",
+)
+
+
+def connect(path: str, timeout: float) -> sqlite3.Connection:
+    """A connection in autocommit mode: every transaction is one statement or written out."""
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA synchronous = NORMAL")  # a cache and a minute's log: no fsync per commit
+    db.execute("PRAGMA cache_size = -1024")  # 1 MB: another process's write empties it anyway
+    return db
+
+
+def initialise(path: str, clock: Clock = SYSTEM_CLOCK, history_known: bool = False) -> None:
+    """Create the file (owner-only) in WAL mode with its tables and operations, unless done.
+
+    A new file's admission log starts with a ramp (see :mod:`app.stores.sqlite_admission`)
+    unless *history_known*: nothing was spent against the limit before it.
+
+    :raises sqlite3.Error: the file cannot be created, opened or written, or is of another version.
+    """
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise sqlite3.NotSupportedError(f"SQLite {sqlite3.sqlite_version} is older than 3.35")
+    try:  # profiles are personal data: readable by the service's user only
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"cannot create the file: {exc.strerror}") from None
+    db = connect(path, START_TIMEOUT_SECONDS)
+    try:
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"journal mode {mode}, not WAL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in (*_TABLES, *_OPERATIONS):
+                    db.execute(statement)
+                if not history_known:
+                    db.execute("INSERT INTO meta (name, value) VALUES ('since', ?)", (clock.time(),))
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            elif version != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"the file has schema version {version}, not {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+    finally:
+        db.close()
