@@ -94,7 +94,11 @@ def make_service(sim: AmplitudeSimulator) -> Iterator[Callable[..., RunningServi
     def build(clock: Clock = SYSTEM_CLOCK, **overrides: Any) -> RunningService:
         # werkzeug's test server gives every connection a thread of its own: the bound that
         # keeps gunicorn's threads free for cached answers is lifted unless a test sets it.
-        app = create_app(environ=base_env(sim, **{"UPSTREAM_MAX_WAITING": 1000, **overrides}), clock=clock)
+        # Redis shares this busy machine with the whole suite: its production timeout (0.1 s,
+        # for a server on the LAN) would read CPU starvation as an outage; tests of slow or
+        # absent Redis set their own (or kill it, which fails at once).
+        defaults = {"UPSTREAM_MAX_WAITING": 1000, "REDIS_TIMEOUT_SECONDS": 1.0}
+        app = create_app(environ=base_env(sim, **{**defaults, **overrides}), clock=clock)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         server.daemon_threads = True  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
