@@ -8,16 +8,19 @@ selector instead of a thread, so hundreds of Braze connections cost little, and
 requests, but monkey-patching makes locks, the budget's sleeps and redis-py's pool
 harder to reason about; the cache makes long waits rare.)
 
-Workers: without ``REDIS_URL`` the cache and the upstream budget live in each process,
-so one process (with many threads) keeps "one upstream call per user" true. With
-Redis, cache and budget are shared and one process per core is used. ``WEB_CONCURRENCY``
-overrides either choice; the upstream budget is then split between the processes.
+Workers: one process per core (``WEB_CONCURRENCY`` overrides it). The processes share
+the cache, the single-flight claims and the upstream budget, so "one upstream call per
+user" and the limit hold across them: through Redis when ``REDIS_URL`` is set (and across
+machines), else through one SQLite file on this machine (``SHARED_STATE_PATH``; when it
+is not set, a new file in a private temporary directory that lives as long as this
+master). A single worker without Redis keeps everything in its own process.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 
@@ -26,17 +29,17 @@ import gunicorn.http.wsgi
 # No version banner in responses.
 gunicorn.http.wsgi.SERVER = "amplitude-profile-proxy"
 
-_shared = bool(os.environ.get("REDIS_URL"))
-workers = int(os.environ.get("WEB_CONCURRENCY") or ((os.cpu_count() or 1) if _shared else 1))
+workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
 threads = int(os.environ.get("GUNICORN_THREADS") or 32)
 # gthread, answering the requests gunicorn refuses itself (malformed, over-long) with JSON.
 worker_class = "app.http.worker.JsonErrorThreadWorker"
 # No runtime control socket: nothing here uses it, and every master on a host would share
 # one default path (~/.gunicorn/gunicorn.ctl). Older gunicorns ignore the setting.
 control_socket_disable = True
-# Each process gets limit / workers of the upstream budget when Redis is not there
-# (and as a fallback when it is down). Several instances without Redis: set
-# UPSTREAM_BUDGET_SHARES to the total number of worker processes across all of them.
+# The smallest fleet a process assumes before it has counted the fleet in the shared tier,
+# and each process's share (limit / shares) while the tier cannot be reached or when there
+# is none. Several instances without Redis: set UPSTREAM_BUDGET_SHARES to the total number
+# of worker processes across all of them.
 os.environ.setdefault("UPSTREAM_BUDGET_SHARES", str(workers))
 # Requests waiting on Amplitude are kept below the threads, so a cached answer always
 # finds a thread: three quarters of them (24 of 32), at least 4 threads left over.
@@ -47,6 +50,10 @@ os.environ.setdefault("UPSTREAM_MAX_WAITING", str(max(1, threads - max(4, thread
 _metrics_dir = os.environ.setdefault(
     "PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), f"amplitude-proxy-metrics-{os.getpid()}")
 )
+
+# The private directory of this master's SQLite file, when on_starting made one, as
+# "PID:PATH": in the environment, so a configuration reload (HUP) still removes it at exit.
+_STATE_DIR = "AMPLITUDE_PROXY_STATE_DIR"
 
 wsgi_app = "app:create_app()"
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
@@ -73,13 +80,28 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS") or "127.0.0.1,::1"
 
 
 def on_starting(server: object) -> None:
-    """Refuse to start with bad settings: one line naming the variable."""
+    """Share through SQLite when several workers run without Redis; refuse bad settings in one line."""
     from app.settings import SettingsError, load_settings
+    from app.stores.sqlite_schema import initialise
 
+    several = server.cfg.workers > 1  # type: ignore[attr-defined]
+    if several and not os.environ.get("REDIS_URL") and not os.environ.get("SHARED_STATE_PATH"):
+        # Owner-only (profiles are personal data), and new: this master's log starts with a
+        # ramp, as if the master before it had spent the limit evenly over the last window.
+        state_dir = tempfile.mkdtemp(prefix="amplitude-proxy-shared-")
+        os.environ[_STATE_DIR] = f"{os.getpid()}:{state_dir}"
+        os.environ["SHARED_STATE_PATH"] = os.path.join(state_dir, "shared.sqlite3")
+        server.log.info(  # type: ignore[attr-defined]
+            "no REDIS_URL: the workers share cache and budget through %s", os.environ["SHARED_STATE_PATH"]
+        )
     try:
-        load_settings(os.environ)
-    except SettingsError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        settings = load_settings(os.environ)
+        if settings.shared_state_path:
+            initialise(settings.shared_state_path)  # before any worker, so a bad file stops the start
+    except (SettingsError, sqlite3.Error) as exc:
+        prefix = "" if isinstance(exc, SettingsError) else "SHARED_STATE_PATH: "
+        print(f"configuration error: {prefix}{exc}", file=sys.stderr)
+        on_exit(server)
         sys.exit(2)
     # Counts from a previous run must not be added to this one's.
     shutil.rmtree(_metrics_dir, ignore_errors=True)
@@ -99,3 +121,6 @@ def child_exit(server: object, worker: object) -> None:
 
 def on_exit(server: object) -> None:
     shutil.rmtree(_metrics_dir, ignore_errors=True)
+    owner, _, state_dir = os.environ.get(_STATE_DIR, "").partition(":")
+    if state_dir and owner == str(os.getpid()):
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -125,6 +125,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is *pid* (gunicorn's workers, for its master), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
     """Poll *url* until it answers 200, failing early if *proc* died."""
     deadline = time.monotonic() + timeout
