@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from app.observability import ACCESS_LOG
-from tests.conftest import BRAZE_KEY, CURL_KEY
 from testkit.clock import FakeClock
+from tests.conftest import BRAZE_KEY, CURL_KEY
 
 BASIC = "Basic " + base64.b64encode(f"braze:{BRAZE_KEY}".encode()).decode()
 PATHS = [
