@@ -8,6 +8,7 @@ carry route templates and caller key *names*, never user ids or keys.
 from __future__ import annotations
 
 import atexit
+import glob
 import itertools
 import logging
 import logging.handlers
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
@@ -32,6 +34,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
 
 ACCESS_LOGGER = "app.access"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -325,9 +328,29 @@ class Metrics:
         """The exposition text for a scrape (all workers' files in multi-process mode)."""
         if self.multiprocess:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            _WorkerFiles(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _WorkerFiles(multiprocess.MultiProcessCollector):
+    """Every worker's metric files, less those a worker has created but not yet sized.
+
+    A booting worker creates its files empty and sizes them a moment later; reading one in
+    between fails the whole scrape (prometheus/client_python#1199), and a worker killed in
+    that moment would leave the file empty for good. Files never shrink, so one found
+    non-empty here stays readable.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except FileNotFoundError:
+                pass  # a dead worker's gauges, removed meanwhile
+        return self.merge(files, accumulate=True)
 
 
 class AccessLog:
@@ -346,12 +369,16 @@ class AccessLog:
     """
 
     def __init__(
-        self, max_lines: int = MAX_QUEUED_LINES, max_counts: int = MAX_QUEUED_COUNTS, stream: TextIO | None = None
+        self,
+        max_lines: int = MAX_QUEUED_LINES,
+        max_counts: int = MAX_QUEUED_COUNTS,
+        stream: TextIO | None = None,
+        warn_every: float = DROP_WARNING_SECONDS,
     ) -> None:
         self.max_lines = max_lines
         self.max_counts = max_counts
         self.stream = stream  # None: whatever sys.stdout is at the time of writing
-        self.dropped = DroppedLines()
+        self.dropped = DroppedLines(warn_every)
         self._lines: queue.SimpleQueue[dict[str, Any] | threading.Event] = queue.SimpleQueue()
         self._counts: queue.SimpleQueue[tuple[Metrics, dict[str, Any]] | threading.Event] = queue.SimpleQueue()
         # The apps counted for, to bring their dropped-lines counters up to date.
