@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 from typing import Any
 
 import orjson
@@ -12,12 +10,12 @@ import requests
 import urllib3
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from requests.adapters import HTTPAdapter
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from app.clock import Deadline
 from app.core.query import ProfileQuery, profile_from_user_data
 from app.errors import RateLimited, UpstreamMisconfigured, UpstreamUnavailable, UserNotFound
 from app.settings import Settings
+from app.watchdog import Watchdog, WatchedHTTPSPool, WatchedPool, finish_watched_call
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +85,8 @@ class AmplitudeClient:
         self.default_backoff = settings.upstream_429_backoff_seconds
         self.session = session or requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.upstream_concurrency, max_retries=0)
-        adapter.poolmanager.pool_classes_by_scheme = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
+        adapter.poolmanager.pool_classes_by_scheme = {"http": WatchedPool, "https": WatchedHTTPSPool}
+        self.watchdog = Watchdog()
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         # Environment proxies would route the secret key through a third party.
@@ -101,6 +100,7 @@ class AmplitudeClient:
         )
 
     def close(self) -> None:
+        self.watchdog.close()
         self.session.close()
 
     def fetch(self, query: ProfileQuery, deadline: Deadline, send_by: float | None = None) -> dict[str, Any]:
@@ -125,20 +125,13 @@ class AmplitudeClient:
         # Socket timeouts bound each read, not the exchange: an answer that trickles in a
         # line at a time would hold this thread long past the deadline. The watchdog cuts
         # the connection at the deadline, whatever stage the exchange is in.
-        watched = _Watched()
-        _calls.watched = watched
-        watchdog = threading.Timer(deadline.remaining(), watched.cut)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            return self._exchange(query, deadline, timeouts)
-        except UpstreamUnavailable:
-            if watched.was_cut:
-                raise UpstreamUnavailable("Amplitude did not answer within the deadline") from None
-            raise
-        finally:
-            watchdog.cancel()
-            _calls.watched = None
+        with self.watchdog.watch(deadline.remaining()) as watched:
+            try:
+                return self._exchange(query, deadline, timeouts)
+            except UpstreamUnavailable:
+                if watched.was_cut:
+                    raise UpstreamUnavailable("Amplitude did not answer within the deadline") from None
+                raise
 
     def _exchange(
         self, query: ProfileQuery, deadline: Deadline, timeouts: tuple[float, float]
@@ -163,7 +156,7 @@ class AmplitudeClient:
                         raise UpstreamUnavailable("Amplitude's answer took too long to arrive")
                     chunks.append(chunk)
                 # Done with the socket before it goes back to the pool: the watchdog must not cut it now.
-                _calls.watched.finish()
+                finish_watched_call()
                 return response.status_code, response.headers, b"".join(chunks)
         except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise UpstreamUnavailable("Amplitude timed out") from None
@@ -199,53 +192,6 @@ class AmplitudeClient:
         except ValidationError:
             raise UpstreamUnavailable("Amplitude's answer is not the documented JSON") from None
         return profile_from_user_data(user_data, query)
-
-
-class _Watched:
-    """The connection one call is using, so its watchdog can cut it."""
-
-    def __init__(self) -> None:
-        self.connection: Any = None
-        self.was_cut = False
-        self._finished = False
-        self._lock = threading.Lock()
-
-    def finish(self) -> None:
-        with self._lock:
-            self._finished = True
-
-    def cut(self) -> None:
-        with self._lock:
-            sock = getattr(self.connection, "sock", None)
-            if self._finished or sock is None:
-                return  # done, or not connected yet (the connect timeout, capped by the deadline, bounds that)
-            self.was_cut = True
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-_calls = threading.local()
-
-
-def _watch(connection: Any) -> Any:
-    watched = getattr(_calls, "watched", None)
-    if watched is not None:
-        watched.connection = connection
-    return connection
-
-
-class _WatchedPool(HTTPConnectionPool):
-    """A connection pool that tells the calling thread's watchdog which connection it got."""
-
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        return _watch(super()._get_conn(timeout))
-
-
-class _WatchedHTTPSPool(HTTPSConnectionPool):
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        return _watch(super()._get_conn(timeout))
 
 
 def _retry_after_seconds(value: str | None) -> float | None:

@@ -35,8 +35,12 @@ from app.observability import RequestTrace, request_id_from
 
 WSGIApp = Any
 
-#: Shaped answers kept (a few hundred bytes each): the hot set of (path, query) pairs.
-SHAPED_ANSWERS = 20_000
+#: Bytes of shaped answers kept (their bodies and about 200 bytes of bookkeeping each): the
+#: hot set of (path, query) pairs, a few thousand users' worth, bounded per process.
+SHAPED_BYTES = 8 * 1024 * 1024
+#: Larger answers (the whole profile) are shaped again each time: keeping them would cost
+#: as much memory as the cached profiles themselves, and shaping is a small part of them.
+SHAPED_MAX_BODY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +63,9 @@ class CachedHitEdge:
         self.extensions = flask_app.extensions["profile_proxy"]
         # Routing only (no host matching is configured): the same rules Flask matches.
         self.adapter = flask_app.url_map.bind("localhost")
-        self._shaped: LRUCache[tuple[str, str], _Shaped] = LRUCache(maxsize=SHAPED_ANSWERS)
+        self._shaped: LRUCache[tuple[str, str], _Shaped] = LRUCache(
+            maxsize=SHAPED_BYTES, getsizeof=lambda shaped: len(shaped.body) + 200
+        )
         self._lock = threading.Lock()
         self.answered = 0  # hits answered here (approximate under threads: for tests and curiosity)
         self.extensions.edge = self
@@ -165,6 +171,8 @@ class CachedHitEdge:
         source = last_cached.entry
         if source is not None and response.status_code == 200 and response.headers.get("X-Cache") == "HIT":
             body = response.get_data()
+            if len(body) > SHAPED_MAX_BODY:
+                return response(environ, start_response)  # type: ignore[no-any-return]
             with self._lock:
                 self._shaped[key] = _Shaped(source[0], source[1], rule.rule, trace.identity, body, str(len(body)))
         return response(environ, start_response)  # type: ignore[no-any-return]

@@ -1,0 +1,117 @@
+"""Cut an upstream call at its deadline, whatever stage the exchange is in.
+
+Socket timeouts bound each read, not the exchange: an answer that trickles in a header
+line at a time would hold a thread long past the deadline. One watchdog thread keeps the
+deadlines of the calls in flight and, when one passes, shuts down that call's socket; the
+call then fails at once and its thread is free. The connection pools tell the calling
+thread's watch which connection it got.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+_calls = threading.local()
+
+
+class WatchedCall:
+    """The connection one call is using, so the watchdog can cut it."""
+
+    def __init__(self) -> None:
+        self.connection: Any = None
+        self.was_cut = False
+        self._finished = False
+        self._lock = threading.Lock()
+
+    def finish(self) -> None:
+        """The answer is read: from now on the connection is the pool's, never to be cut."""
+        with self._lock:
+            self._finished = True
+
+    def cut(self) -> None:
+        with self._lock:
+            sock = getattr(self.connection, "sock", None)
+            if self._finished or sock is None:
+                return  # done, or not connected yet (the connect timeout, capped by the deadline, bounds that)
+            self.was_cut = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Watchdog:
+    """One daemon thread that cuts the calls whose deadline passed."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, WatchedCall]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, seconds: float) -> Iterator[WatchedCall]:
+        """Watch the calling thread's upstream call for *seconds* (real time)."""
+        call = WatchedCall()
+        _calls.watched = call
+        with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="upstream-watchdog", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._due, (time.monotonic() + seconds, next(self._order), call))
+            self._wake.notify()
+        try:
+            yield call
+        finally:
+            call.finish()
+            _calls.watched = None
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        with self._wake:
+            while not self._closed:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    _, _, call = heapq.heappop(self._due)
+                    call.cut()  # a finished call ignores it
+                self._wake.wait(self._due[0][0] - now if self._due else None)
+
+
+def finish_watched_call() -> None:
+    """Mark the calling thread's watched call as done with its socket."""
+    call = getattr(_calls, "watched", None)
+    if call is not None:
+        call.finish()
+
+
+def _tell_watch(connection: Any) -> Any:
+    call = getattr(_calls, "watched", None)
+    if call is not None:
+        call.connection = connection
+    return connection
+
+
+class WatchedPool(HTTPConnectionPool):
+    """A connection pool that tells the calling thread's watch which connection it got."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        return _tell_watch(super()._get_conn(timeout))
+
+
+class WatchedHTTPSPool(HTTPSConnectionPool):
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        return _tell_watch(super()._get_conn(timeout))
