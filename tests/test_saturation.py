@@ -23,7 +23,9 @@ HEADERS = {"Authorization": f"Bearer {BRAZE_KEY}"}
 
 @pytest.mark.slow
 def test_every_answer_stays_inside_brazes_timeout_and_hits_stay_quick(gunicorn_service, sim):
-    service = gunicorn_service()
+    # One worker, as above: the default is now one per core, and this is about one worker's
+    # threads; a second would also take the core the 64 client threads here measure with.
+    service = gunicorn_service(WEB_CONCURRENCY=1)
     cached = [f"user-hot{n}" for n in range(5)]
     for user in cached:
         assert requests.get(f"{service.url}/v1/users/{user}/cohorts", headers=HEADERS, timeout=5).ok
@@ -53,15 +55,17 @@ def test_every_answer_stays_inside_brazes_timeout_and_hits_stay_quick(gunicorn_s
         thread.join(timeout=60)
 
     assert max(seconds for _, seconds, _, _ in answers) < BRAZE_TIMEOUT
-    hits = sorted(seconds for kind, seconds, status, _ in answers if kind == "hit")
     assert all(status == 200 for kind, _, status, _ in answers if kind == "hit")
-    assert len(hits) > 100 and hits[int(len(hits) * 0.99)] < 0.25, hits[-5:]
-    # The service's own durations (from arrival, queue included) tell the same story.
+    # The service's own durations, from arrival (queue included): what it promises. The
+    # client's 64 threads share this interpreter and, in the suite, two cores with other
+    # tests, so its clock adds its own scheduling; it must agree within 100 ms below.
     logged = {}
     for line in service.logs().splitlines():
         if line.startswith('{"time"') and '"event":"request"' in line:
             record = json.loads(line)
             logged[record["request_id"]] = record["total_ms"] / 1000
+    hits = sorted(logged[rid] for kind, _, _, rid in answers if kind == "hit" and rid in logged)
+    assert len(hits) > 100 and hits[int(len(hits) * 0.99)] < 0.25, hits[-5:]
     gaps = sorted(seconds - logged[rid] for _, seconds, _, rid in answers if rid in logged)
     assert len(gaps) >= 0.99 * len(answers)
     # Within 100 ms for all but the tail that is the test client's own 64 Python threads

@@ -39,7 +39,8 @@ def test_two_instances_missing_many_users_at_once_make_one_call_each(make_servic
     sim.latency_ms = 300
     # The widest deadline the settings allow: this is about one call per id and no gaps
     # between processes, on a machine the rest of the suite keeps busy.
-    services = [make_service(REQUEST_DEADLINE_SECONDS=1.9, **shared_env) for _ in range(2)]
+    # Upstream threads for every client (a flight also waits on the other instance's call).
+    services = [make_service(REQUEST_DEADLINE_SECONDS=1.9, UPSTREAM_CONCURRENCY=64, **shared_env) for _ in range(2)]
     asks = [(n % 2, f"user-race-{n // 6}") for n in range(300 * 6)]
     random.Random(9).shuffle(asks)
 
