@@ -7,10 +7,12 @@ request, then a slot if one comes within the caller's wait. It reads in one stat
 writes in one (:mod:`app.stores.sqlite_schema`'s ``admitted``), so the file's lock is
 held across as few returns to Python as the decision allows.
 
-A file's log may begin with a *ramp*: created at ``since`` without knowing what was
-spent before (a new gunicorn master replacing an old one), it counts the limit as spent
-evenly over the window before ``since`` (as :meth:`app.core.window.SlidingWindow.occupy`
-does in one process), kept as arithmetic rather than rows.
+A file's log may begin with a *ramp*: created without knowing what was spent before (a
+new gunicorn master replacing an old one), it counts the limit as spent evenly over the
+window before ``since``, its first admission (as :meth:`app.core.window.SlidingWindow.occupy`
+does in one process from its start), kept as arithmetic rather than rows. From the first
+admission, not from the file's creation: slots freed before anyone could use them (while
+the workers boot) would otherwise be missing from the first window's work.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ SELECT (SELECT count(*) FROM fleet WHERE seen > :fleet_horizon AND member != :me
        (SELECT count(*) FROM fleet WHERE seen >= :alive_since AND member != :me),
        (SELECT count(*) FROM grants WHERE stamp > :horizon),
        (SELECT value FROM meta WHERE name = 'since'),
+       (SELECT count(*) FROM meta WHERE name = 'since' AND value IS NULL),
        (SELECT expires_at FROM kv WHERE key = 'backoff' AND expires_at > :now),
        (SELECT value FROM kv WHERE key = 'live' AND expires_at > :now)
 """
@@ -49,7 +52,7 @@ def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitRep
     if r.heartbeat_only:
         db.execute("DELETE FROM fleet WHERE seen <= ?", (now - r.fleet_horizon,))
         db.execute("DELETE FROM grants WHERE stamp <= ?", (horizon,))
-    others, others_alive, logged, since, backoff_until, live = db.execute(
+    others, others_alive, logged, since, ramp_from_now, backoff_until, live = db.execute(
         _STATE,
         {"fleet_horizon": now - r.fleet_horizon, "alive_since": now - r.heartbeat_timeout, "horizon": horizon,
          "now": now, "me": r.process_id},
@@ -57,6 +60,9 @@ def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitRep
     # A process back from an outage remembers the fleet it knew (see app.budget).
     fleet = max(int(others) + 1, r.remembered_fleet)
     quiet = fleet - (int(others_alive) + 1)
+    if ramp_from_now:
+        db.execute("UPDATE meta SET value = ? WHERE name = 'since'", (now,))
+        since = now
     ramp = _Ramp(None if since is None else float(since), r.limit, r.window, now)
     used = ramp.left + int(logged)
     live_until = None if r.bulk or r.heartbeat_only else now + r.window

@@ -2,7 +2,8 @@
 
 Tables: ``kv`` (profiles, not-founds, claims, failure notes, the 429 back-off and the
 last live request, each with a wall-time expiry), ``grants`` (the admission log),
-``fleet`` (each process's last heartbeat) and ``meta`` (``since``: when the log began).
+``fleet`` (each process's last heartbeat) and ``meta`` (``since``: when the log began;
+null until the first admission when what was spent before the file is unknown).
 
 Operations that write several rows are stored in the file, as the Lua scripts are in
 Redis: an ``INSERT`` into a view whose ``INSTEAD OF`` trigger does the writes. One
@@ -75,8 +76,9 @@ def connect(path: str, timeout: float) -> sqlite3.Connection:
 def initialise(path: str, clock: Clock = SYSTEM_CLOCK, history_known: bool = False) -> None:
     """Create the file (owner-only) in WAL mode with its tables and operations, unless done.
 
-    A new file's admission log starts with a ramp (see :mod:`app.stores.sqlite_admission`)
-    unless *history_known*: nothing was spent against the limit before it.
+    A new file's admission log starts with a ramp from its first admission (see
+    :mod:`app.stores.sqlite_admission`) unless *history_known*: nothing was spent against
+    the limit before it.
 
     :raises sqlite3.Error: the file cannot be created, opened or written, or is of another version.
     """
@@ -100,7 +102,7 @@ def initialise(path: str, clock: Clock = SYSTEM_CLOCK, history_known: bool = Fal
                 for statement in (*_TABLES, *_OPERATIONS):
                     db.execute(statement)
                 if not history_known:
-                    db.execute("INSERT INTO meta (name, value) VALUES ('since', ?)", (clock.time(),))
+                    db.execute("INSERT INTO meta (name, value) VALUES ('since', NULL)")
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
             elif version != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"the file has schema version {version}, not {SCHEMA_VERSION}")

@@ -198,8 +198,9 @@ def test_grants_made_while_cut_off_are_merged_and_heartbeats_trim(tiers, clock, 
     assert sqlite3.connect(tmp_path / "shared.sqlite3").execute("SELECT count(*) FROM grants").fetchone()[0] == 0
 
 
-def test_a_new_file_ramps_up_as_if_the_limit_had_been_spent_evenly_before_it(tmp_path, clock):
+def test_a_new_file_ramps_up_as_if_the_limit_had_been_spent_evenly_before_its_first_admission(tmp_path, clock):
     first, second = pair(tmp_path / "shared.sqlite3", clock, history_known=False)
+    clock.advance(WINDOW)  # the workers boot: nobody asks yet
     assert first.admit(ask("p0", limit=10)).granted == REFUSED
     clock.advance(WINDOW / 10 * 3 + 0.01)  # three of the ten have left the window
     assert [first.admit(ask("p0", limit=10)).granted for _ in range(4)] == [GRANTED] * 3 + [REFUSED]
