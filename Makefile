@@ -39,10 +39,12 @@ run-prod: install system-deps
 # Four pytest workers (pytest-xdist): most tests wait on sockets and clocks, not the CPU,
 # and the minute-long budget soaks run beside the rest instead of after it.
 test: install system-deps
-	$(PY) -m pytest -n 4 --dist worksteal
+	$(PY) -m pytest -n 4 --dist worksteal -m "not serial"
+	$(PY) -m pytest -m serial
 
 test-fast: install system-deps
-	$(PY) -m pytest -n 4 --dist worksteal -m "not slow"
+	$(PY) -m pytest -n 4 --dist worksteal -m "not slow and not serial"
+	$(PY) -m pytest -m "serial and not slow"
 
 # The unit layer alone: pure logic on a fake clock, no sockets, no sleeps (seconds).
 test-unit: install

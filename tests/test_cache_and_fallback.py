@@ -62,6 +62,7 @@ def test_cache_is_bounded(make_service, sim):
     assert sim.calls == 7
 
 
+@pytest.mark.serial
 def test_fifty_concurrent_requests_for_one_cold_user_make_one_call(service, sim):
     sim.latency_ms = 300
     with ThreadPoolExecutor(max_workers=50) as pool:

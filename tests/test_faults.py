@@ -116,6 +116,7 @@ def test_unauthorized_upstream_is_never_retried(service, sim):
     assert sim.calls == 3  # one per request, no retries
 
 
+@pytest.mark.serial
 def test_stampede_of_200_on_one_cold_user_makes_one_call(service, sim):
     sim.hold()  # the one call stays in flight until every request is waiting on it or answered
     with ThreadPoolExecutor(max_workers=100) as pool:

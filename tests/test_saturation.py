@@ -22,6 +22,7 @@ HEADERS = {"Authorization": f"Bearer {BRAZE_KEY}"}
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_every_answer_stays_inside_brazes_timeout_and_hits_stay_quick(gunicorn_service, sim):
     # One worker, as above: the default is now one per core, and this is about one worker's
     # threads; a second would also take the core the 64 client threads here measure with.

@@ -11,6 +11,7 @@ import random
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import redis
 import requests
 
@@ -34,6 +35,7 @@ def test_two_instances_missing_one_user_at_once_make_one_call(make_service, sim,
     assert sim.calls == 1
 
 
+@pytest.mark.serial
 def test_two_instances_missing_many_users_at_once_make_one_call_each(make_service, sim, shared_env):
     """Each of 300 cold ids asked six times, through both instances, in a shuffled order."""
     sim.latency_ms = 300
