@@ -145,7 +145,7 @@ def test_through_the_front_500_slow_clients_do_not_slow_other_callers(tmp_path: 
 
 def test_straight_into_gunicorn_the_same_slow_clients_starve_it(gunicorn_service, sim):
     """Why the front is there: without it, the same load holds every thread of the worker."""
-    service = gunicorn_service()
+    service = gunicorn_service(WEB_CONCURRENCY=1)  # one worker, whatever the default
     dribblers = Dribblers(service.port)
     try:
         time.sleep(0.5)
