@@ -1,15 +1,22 @@
-"""The Amplitude User Profile API client: one pooled session, bounded in time and size."""
+"""The Amplitude User Profile API client: one connection pool, bounded in time and size.
+
+A miss spends most of its CPU here, and every miss holds the GIL while it does, so this
+path is kept lean: urllib3's pool directly (requests' session machinery cost about as much
+as the exchange itself), and the answer decoded and checked against the documented shape
+in one pass by msgspec, in C, instead of a marshmallow schema walking every item id.
+"""
 
 from __future__ import annotations
 
+import http.client
 import logging
-from typing import Any
+from typing import Annotated, Any, Required, TypedDict
+from urllib.parse import urlencode
 
+import certifi
+import msgspec
 import orjson
-import requests
 import urllib3
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
-from requests.adapters import HTTPAdapter
 
 from app.clock import Deadline
 from app.core.query import ProfileQuery, profile_from_user_data
@@ -21,6 +28,9 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_USER_ERROR = "User id and device id not seen before"
 
+#: At most this many items per recommendation (Amplitude documents 100).
+MAX_ITEMS = 1000
+
 
 class UpstreamThrottled(RateLimited):
     """Amplitude answered 429: the organisation's quota is spent for now."""
@@ -28,80 +38,81 @@ class UpstreamThrottled(RateLimited):
     message = "Amplitude's rate limit was reached; retry later"
 
 
-class ItemId(fields.Field):
-    """An item id: Amplitude documents strings; tolerate numbers, nothing else."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ValidationError("item ids must be strings or numbers")
-        return value
+# The documented ``userData`` shape; anything else is an upstream failure. Unknown keys are
+# ignored; a key left out stays out (``profile_from_user_data`` reads with ``.get``).
+# Item ids: Amplitude documents strings; numbers are tolerated, nothing else (not booleans).
 
 
-class RecommendationSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
-    rec_id = fields.String(required=True)
-    items = fields.List(ItemId(), required=True, validate=validate.Length(max=1000))
-    is_control = fields.Boolean(load_default=False)
-    recommendation_source = fields.String(load_default=None, allow_none=True)
-    last_updated = fields.Raw(load_default=None, allow_none=True)
+class _Recommendation(TypedDict, total=False):
+    rec_id: Required[str]
+    items: Required[Annotated[list[str | int | float], msgspec.Meta(max_length=MAX_ITEMS)]]
+    is_control: bool
+    recommendation_source: str | None
+    last_updated: Any
 
 
-class PropensitySchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
-    prop = fields.Raw(allow_none=True)
-    pred_id = fields.String(required=True)
-    prop_type = fields.String(load_default=None, allow_none=True)
+class _Propensity(TypedDict, total=False):
+    prop: Any
+    pred_id: Required[str]
+    prop_type: str | None
 
 
-class UserDataSchema(Schema):
-    """The documented ``userData`` shape; anything else is an upstream failure."""
-
-    class Meta:
-        unknown = EXCLUDE
-
-    recommendations = fields.List(fields.Nested(RecommendationSchema), allow_none=True, load_default=None)
-    user_id = fields.Raw(allow_none=True, load_default=None)
-    device_id = fields.Raw(allow_none=True, load_default=None)
-    amp_props = fields.Dict(keys=fields.String(), allow_none=True, load_default=None)
-    cohort_ids = fields.List(fields.Raw(), allow_none=True, load_default=None)
-    propensity = fields.Raw(allow_none=True, load_default=None)
-    propensities = fields.List(fields.Nested(PropensitySchema), allow_none=True, load_default=None)
+class _UserData(TypedDict, total=False):
+    recommendations: list[_Recommendation] | None
+    user_id: Any
+    device_id: Any
+    amp_props: dict[str, Any] | None
+    cohort_ids: list[Any] | None
+    propensity: Any
+    propensities: list[_Propensity] | None
 
 
-_USER_DATA = UserDataSchema()
+class _Answer(TypedDict, total=False):
+    userData: _UserData
+    error: Any
+
+
+_DECODER = msgspec.json.Decoder(_Answer)
 
 
 class AmplitudeClient:
     """Fetch one profile per call; every failure becomes a typed exception."""
 
-    def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.url = settings.upstream_profile_url
         self.timeouts = (settings.upstream_connect_timeout, settings.upstream_read_timeout)
         self.max_body = settings.upstream_max_body_bytes
         self.default_backoff = settings.upstream_429_backoff_seconds
-        self.session = session or requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.upstream_concurrency, max_retries=0)
-        adapter.poolmanager.pool_classes_by_scheme = {"http": WatchedPool, "https": WatchedHTTPSPool}
-        self.watchdog = Watchdog()
-        self.session.mount("https://", adapter)
-        self.session.mount("http://", adapter)
-        # Environment proxies would route the secret key through a third party.
-        self.session.trust_env = False
-        self.session.headers.update(
-            {
+        # One pool for Amplitude's host, used directly (a pool manager would parse and
+        # re-encode every URL twice). No retries and no redirects (the key must not travel
+        # to another host); urllib3 reads no proxy settings from the environment, which
+        # would route the key through a third party. Certificates are checked against
+        # certifi's bundle, as requests does.
+        target = urllib3.util.parse_url(self.url)
+        tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED", "ca_certs": certifi.where()}
+        pool_class, options = (WatchedHTTPSPool, tls) if target.scheme == "https" else (WatchedPool, {})
+        if not target.host:  # settings validated the URL
+            raise ValueError("AMPLITUDE_API_URL has no host")
+        self.pool = pool_class(
+            target.host,
+            target.port,
+            maxsize=settings.upstream_concurrency,
+            block=False,
+            retries=False,
+            headers={
                 "Authorization": f"Api-Key {settings.amplitude_secret_key}",
                 "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",
                 "User-Agent": "amplitude-braze-profile-proxy/1.0",
-            }
+            },
+            **options,
         )
+        self.path = target.path or "/"
+        self.watchdog = Watchdog()
 
     def close(self) -> None:
         self.watchdog.close()
-        self.session.close()
+        self.pool.close()
 
     def fetch(self, query: ProfileQuery, deadline: Deadline, send_by: float | None = None) -> dict[str, Any]:
         """Return the kept profile for *query*, giving up at *deadline*.
@@ -121,57 +132,66 @@ class AmplitudeClient:
 
     def _get(self, query: ProfileQuery, deadline: Deadline) -> tuple[int, Any, bytes]:
         connect, read = self.timeouts
-        timeouts = (max(0.001, deadline.capped(connect)), max(0.001, deadline.capped(read)))
+        timeout = urllib3.Timeout(connect=max(0.001, deadline.capped(connect)), read=max(0.001, deadline.capped(read)))
         # Socket timeouts bound each read, not the exchange: an answer that trickles in a
         # line at a time would hold this thread long past the deadline. The watchdog cuts
         # the connection at the deadline, whatever stage the exchange is in.
         with self.watchdog.watch(deadline.remaining()) as watched:
             try:
-                return self._exchange(query, deadline, timeouts)
+                return self._exchange(query, deadline, timeout)
             except UpstreamUnavailable:
                 if watched.was_cut:
                     raise UpstreamUnavailable("Amplitude did not answer within the deadline") from None
                 raise
 
-    def _exchange(
-        self, query: ProfileQuery, deadline: Deadline, timeouts: tuple[float, float]
-    ) -> tuple[int, Any, bytes]:
+    def _exchange(self, query: ProfileQuery, deadline: Deadline, timeout: urllib3.Timeout) -> tuple[int, Any, bytes]:
+        target = f"{self.path}?{urlencode(query.upstream_params())}"
+        response = None
+        complete = False
         try:
-            # Redirects are never followed: the key must not travel to another host.
-            with self.session.get(
-                self.url, params=query.upstream_params(), timeout=timeouts, stream=True, allow_redirects=False
-            ) as response:
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self.max_body:
+            response = self.pool.urlopen(
+                "GET", target, timeout=timeout, preload_content=False, redirect=False, retries=False
+            )
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > self.max_body:
+                raise UpstreamUnavailable("Amplitude's answer is larger than the configured cap")
+            chunks: list[bytes] = []
+            size = 0
+            # read1 returns whatever has arrived, so a body dribbled out byte by
+            # byte is still bounded by the overall deadline, not just per-read timeouts.
+            while chunk := response.read1(65536, decode_content=True):
+                size += len(chunk)
+                if size > self.max_body:
                     raise UpstreamUnavailable("Amplitude's answer is larger than the configured cap")
-                chunks: list[bytes] = []
-                size = 0
-                # read1 returns whatever has arrived, so a body dribbled out byte by
-                # byte is still bounded by the overall deadline, not just per-read timeouts.
-                while chunk := response.raw.read1(65536, decode_content=True):
-                    size += len(chunk)
-                    if size > self.max_body:
-                        raise UpstreamUnavailable("Amplitude's answer is larger than the configured cap")
-                    if deadline.expired():
-                        raise UpstreamUnavailable("Amplitude's answer took too long to arrive")
-                    chunks.append(chunk)
-                # Done with the socket before it goes back to the pool: the watchdog must not cut it now.
-                finish_watched_call()
-                return response.status_code, response.headers, b"".join(chunks)
-        except (requests.Timeout, urllib3.exceptions.TimeoutError):
+                if deadline.expired():
+                    raise UpstreamUnavailable("Amplitude's answer took too long to arrive")
+                chunks.append(chunk)
+            # Done with the socket before it goes back to the pool: the watchdog must not cut it now.
+            finish_watched_call()
+            complete = True
+            return response.status, response.headers, b"".join(chunks)
+        except urllib3.exceptions.TimeoutError:
             raise UpstreamUnavailable("Amplitude timed out") from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
             # urllib3's protocol errors (truncated bodies, resets) surface under several roots.
             raise UpstreamUnavailable(f"Amplitude connection failed ({type(exc).__name__})") from None
+        finally:
+            if response is not None:
+                if not complete:  # a half-read answer: the connection cannot be reused
+                    response.close()
+                response.release_conn()
 
     def _interpret(self, query: ProfileQuery, status: int, headers: Any, body: bytes) -> dict[str, Any]:
-        payload: Any = None
-        if body[:1] in (b"{", b"["):
+        answer: Any = None
+        documented = False
+        if body[:1] == b"{":
             try:
-                payload = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                payload = None
-        if isinstance(payload, dict) and payload.get("error") == UNKNOWN_USER_ERROR:
+                answer, documented = _DECODER.decode(body), True
+            except msgspec.ValidationError:  # JSON, not the documented shape: an error body?
+                answer = _loose_json(body)
+            except msgspec.DecodeError:
+                answer = None
+        if isinstance(answer, dict) and answer.get("error") == UNKNOWN_USER_ERROR:
             raise UserNotFound()
         if status == 401:
             log.critical("Amplitude rejected the secret key (HTTP 401): check AMPLITUDE_SECRET_KEY")
@@ -185,13 +205,16 @@ class AmplitudeClient:
             )
         if status != 200:
             raise UpstreamUnavailable(f"Amplitude answered HTTP {status}")
-        if not isinstance(payload, dict) or not isinstance(payload.get("userData"), dict):
+        if not documented or "userData" not in answer:
             raise UpstreamUnavailable("Amplitude's answer is not the documented JSON")
-        try:
-            user_data = _USER_DATA.load(payload["userData"])
-        except ValidationError:
-            raise UpstreamUnavailable("Amplitude's answer is not the documented JSON") from None
-        return profile_from_user_data(user_data, query)
+        return profile_from_user_data(answer["userData"], query)
+
+
+def _loose_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _retry_after_seconds(value: str | None) -> float | None:

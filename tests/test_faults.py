@@ -26,6 +26,10 @@ def served_ms(capsys, response) -> float:
     return next(line["total_ms"] for line in lines if line.get("request_id") == request_id)
 
 
+def _recommendation(**fields: object) -> dict:
+    return {"body": {"userData": {"recommendations": [fields]}}}
+
+
 FAILURES = [
     ("timeout", "slow", {"seconds": 3}),
     ("hang", "hang", {"seconds": 5}),
@@ -39,6 +43,11 @@ FAILURES = [
     ("wrong-shape", "wrong_shape", {}),
     ("wrong-shape-array", "wrong_shape", {"body": [1, 2, 3]}),
     ("wrong-shape-userdata", "wrong_shape", {"body": {"userData": {"recommendations": "nope"}}}),
+    ("wrong-shape-null-userdata", "wrong_shape", {"body": {"userData": None}}),
+    ("boolean-item-ids", "wrong_shape", _recommendation(rec_id="rec_home", items=[True])),
+    ("too-many-items", "wrong_shape", _recommendation(rec_id="rec_home", items=["a"] * 1001)),
+    ("recommendation-without-id", "wrong_shape", _recommendation(items=["a"])),
+    ("prediction-without-id", "wrong_shape", {"body": {"userData": {"propensities": [{"prop": 0.5}]}}}),
     ("oversized", "oversized", {"size_bytes": 3_000_000}),
 ]
 

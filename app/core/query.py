@@ -51,7 +51,7 @@ class ProfileQuery:
     propensity_type: str | None = None
 
     def upstream_params(self) -> list[tuple[str, str]]:
-        """Query parameters for ``/v1/userprofile``; requests encodes every value."""
+        """Query parameters for ``/v1/userprofile``; each value is URL-encoded."""
         params = [(self.identity.id_field, self.identity.value)]
         if self.properties:
             params += [("get_amp_props", "true"), ("get_computations", "true")]
