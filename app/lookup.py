@@ -2,8 +2,10 @@
 
 A lookup reads the stores, asks the pure policy what to do, and does it: answer, answer
 stale and start a background refresh, or join the one *flight* (the claim, admission and
-upstream call) for that profile. A flight runs on a pool thread so a caller can stop
-waiting at its deadline while the call goes on to fill the cache for the next one.
+upstream call) for that profile. The request that starts a flight carries it out on its
+own thread, bounded by its own deadline (a hand-off to another thread and back would
+cost every miss two wake-ups); the requests that join it wait on it, each until its own
+deadline. Background refreshes, which no request waits for, run on a pool thread.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class ProfileLookup:
             _note(trace, "negative")
             raise UserNotFound()
         if decision.action is Action.SERVE_STALE_AND_REFRESH:
-            self._join_flight(query, None, None)
+            self._refresh(query)
             return self._answer(decision.entry, STALE, trace)
         _note(trace, "miss")
         started = self.clock.monotonic()
@@ -134,9 +136,12 @@ class ProfileLookup:
                 raise UpstreamUnavailable("too many requests are waiting on Amplitude; retry later", retry_after=1)
             waiting = self._waiting is not None
             late = deadline.remaining() < LATE_SECONDS
-            flight = self._join_flight(query, deadline, trace.caller if trace else None, start=not late)
+            caller = trace.caller if trace else None
+            flight, mine = self._find_flight(query, start=not late)
             if flight is None:
                 raise UpstreamUnavailable("the request waited too long to start a call to Amplitude", retry_after=1)
+            if mine:
+                self._fly(flight, query, deadline, caller, deadline)
             entry = flight.result(timeout=deadline.remaining())
         except FutureTimeout:
             error: ApiError = UpstreamUnavailable("no answer from Amplitude within the deadline", retry_after=1)
@@ -180,26 +185,38 @@ class ProfileLookup:
 
     # -- flights: one upstream call per profile, however many requests want it ----------
 
-    def _join_flight(
-        self, query: ProfileQuery, requester: Deadline | None, caller: str | None, start: bool = True
-    ) -> Future[Entry] | None:
-        """The flight for *query* in this process, started if there is none (and *start*).
-
-        *requester* bounds how long the budget may make the first caller wait; ``None``
-        (a background refresh) never waits for a token.
-        """
+    def _find_flight(self, query: ProfileQuery, start: bool) -> tuple[Future[Entry] | None, bool]:
+        """The flight for *query* in this process, and whether the caller just started it
+        (and must carry it out): a new one when there is none and *start*."""
         key = query.cache_key
         with self._flights_lock:
             flight = self._flights.get(key)
             if flight is not None or not start:
-                return flight
+                return flight, False
             flight = self._flights[key] = Future()
-        self._pool.submit(self._fly, flight, query, requester, caller)
-        return flight
+            return flight, True
 
-    def _fly(self, flight: Future[Entry], query: ProfileQuery, requester: Deadline | None, caller: str | None) -> None:
+    def _refresh(self, query: ProfileQuery) -> None:
+        """Refresh *query*'s profile on a pool thread, unless a flight for it is under way."""
+        flight, mine = self._find_flight(query, start=True)
+        if mine and flight is not None:
+            self._pool.submit(self._fly, flight, query, None, None, Deadline.after(self.clock, self.call_seconds))
+
+    def _fly(
+        self,
+        flight: Future[Entry],
+        query: ProfileQuery,
+        requester: Deadline | None,
+        caller: str | None,
+        call_deadline: Deadline,
+    ) -> None:
+        """Carry the flight out and settle it: its entry, or the error every waiter gets.
+
+        *requester* bounds how long the budget may make the caller wait for a slot; ``None``
+        (a background refresh) never waits for one. *call_deadline* bounds the whole flight.
+        """
         try:
-            flight.set_result(self._obtain(query, requester, caller))
+            flight.set_result(self._obtain(query, requester, caller, call_deadline))
         except ApiError as exc:
             if requester is None:
                 log.info("background refresh skipped: %s", exc.error)
@@ -212,9 +229,10 @@ class ProfileLookup:
                 if self._flights.get(query.cache_key) is flight:
                     del self._flights[query.cache_key]
 
-    def _obtain(self, query: ProfileQuery, requester: Deadline | None, caller: str | None) -> Entry:
+    def _obtain(
+        self, query: ProfileQuery, requester: Deadline | None, caller: str | None, call_deadline: Deadline
+    ) -> Entry:
         """Claim the profile across processes, then call Amplitude, unless someone else already did."""
-        call_deadline = Deadline.after(self.clock, self.call_seconds)
         while True:
             claim, seen = self.store.claim(query)
             if claim is not None and isinstance(seen, View):

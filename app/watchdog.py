@@ -49,8 +49,18 @@ class WatchedCall:
                 pass
 
 
+#: The watchdog wakes at most this often, cutting every call due by then: a call is cut at
+#: most this late, and under load the thread wakes a few dozen times a second, not per call.
+TICK_SECONDS = 0.02
+
+
 class Watchdog:
-    """One daemon thread that cuts the calls whose deadline passed."""
+    """One daemon thread that cuts the calls whose deadline passed.
+
+    A new call wakes it only when it is due before every call already watched (the
+    thread sleeps until the earliest): a wake-up per call would take the GIL from the
+    calling thread just as it sends its request.
+    """
 
     def __init__(self) -> None:
         self._due: list[tuple[float, int, WatchedCall]] = []
@@ -68,8 +78,11 @@ class Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="upstream-watchdog", daemon=True)
                 self._thread.start()
-            heapq.heappush(self._due, (time.monotonic() + seconds, next(self._order), call))
-            self._wake.notify()
+            due = time.monotonic() + seconds
+            earliest = not self._due or due < self._due[0][0]
+            heapq.heappush(self._due, (due, next(self._order), call))
+            if earliest:
+                self._wake.notify()
         try:
             yield call
         finally:
@@ -88,7 +101,7 @@ class Watchdog:
                 while self._due and self._due[0][0] <= now:
                     _, _, call = heapq.heappop(self._due)
                     call.cut()  # a finished call ignores it
-                self._wake.wait(self._due[0][0] - now if self._due else None)
+                self._wake.wait(max(TICK_SECONDS, self._due[0][0] - now) if self._due else None)
 
 
 def finish_watched_call() -> None:
