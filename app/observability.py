@@ -48,6 +48,10 @@ MAX_QUEUED_RECORDS = 1024
 MAX_QUEUED_COUNTS = 65536
 #: While lines are being dropped, one warning on stderr at most this often.
 DROP_WARNING_SECONDS = 5.0
+#: How often the bookkeeping threads drain their queues while requests come in, and while
+#: none do. A request does not wake them: a wake-up would take the GIL from the request
+#: thread just as it writes its answer (and every miss, at 16 at once, paid for two).
+DRAIN_SECONDS, IDLE_DRAIN_SECONDS = 0.05, 0.25
 
 
 @dataclass(slots=True)
@@ -366,6 +370,10 @@ class AccessLog:
     lines and nothing else: the counting thread only writes memory-mapped files, and
     ``/metrics`` waits on it alone. Lines wait in a bounded queue; past it they are
     dropped and counted (``proxy_log_lines_dropped_total``, a warning on stderr).
+
+    Neither thread is woken per request: each drains its queue every ``DRAIN_SECONDS``
+    (``IDLE_DRAIN_SECONDS`` after a round with nothing to do), or at once when a flush asks
+    or its queue is half full.
     """
 
     def __init__(
@@ -383,6 +391,8 @@ class AccessLog:
         self._counts: queue.SimpleQueue[tuple[Metrics, dict[str, Any]] | threading.Event] = queue.SimpleQueue()
         # The apps counted for, to bring their dropped-lines counters up to date.
         self._counted_for: weakref.WeakSet[Metrics] = weakref.WeakSet()
+        self._lines_due = threading.Event()
+        self._counts_due = threading.Event()
         self._started = False
         self._lock = threading.Lock()
 
@@ -391,13 +401,19 @@ class AccessLog:
         if not self._started:
             self._start()
         if log:
-            if self._lines.qsize() < self.max_lines:
+            queued = self._lines.qsize()
+            if queued < self.max_lines:
                 self._lines.put(fields)
+                if queued == self.max_lines // 2:
+                    self._lines_due.set()
             else:
                 self.dropped.add()
         if metrics is not None:
-            if self._counts.qsize() < self.max_counts:
+            queued = self._counts.qsize()
+            if queued < self.max_counts:
                 self._counts.put((metrics, fields))
+                if queued == self.max_counts // 2:
+                    self._counts_due.set()
             else:
                 # The counting thread is starved of CPU: count here, rather than lose it or queue without end.
                 _count(metrics, fields)
@@ -406,18 +422,20 @@ class AccessLog:
         """Wait (up to *timeout* in all) until what was queued before this call is counted and written."""
         if self._started:
             deadline = time.monotonic() + timeout
-            for reached in [self._mark(self._counts), self._mark(self._lines)]:
+            marks = [self._mark(self._counts, self._counts_due), self._mark(self._lines, self._lines_due)]
+            for reached in marks:
                 reached.wait(max(0.0, deadline - time.monotonic()))
 
     def flush_counts(self, timeout: float = 0.5) -> None:
         """Wait until what was queued before this call is counted; never waits on stdout."""
         if self._started:
-            self._mark(self._counts).wait(timeout)
+            self._mark(self._counts, self._counts_due).wait(timeout)
 
     @staticmethod
-    def _mark(target: queue.SimpleQueue[Any]) -> threading.Event:
+    def _mark(target: queue.SimpleQueue[Any], due: threading.Event) -> threading.Event:
         reached = threading.Event()
         target.put(reached)
+        due.set()
         return reached
 
     def _start(self) -> None:
@@ -429,12 +447,11 @@ class AccessLog:
                 atexit.register(self.flush)
 
     def _count_forever(self) -> None:
+        batch: list[Any] = []
         while True:
-            try:
-                # Wakes at least once a second to publish drops of lines that were not requests'.
-                batch = _drain(self._counts, self._counts.get(timeout=1.0))
-            except queue.Empty:
-                batch = []
+            # Also publishes, at least every IDLE_DRAIN_SECONDS, drops of lines that were not requests'.
+            _wait_for_round(self._counts_due, batch)
+            batch = _drain_now(self._counts)
             reached = []
             counted_for: set[Metrics] = set()
             for item in batch:
@@ -452,8 +469,10 @@ class AccessLog:
                 event.set()
 
     def _write_forever(self) -> None:
+        batch: list[Any] = []
         while True:
-            batch = _drain(self._lines, self._lines.get())
+            _wait_for_round(self._lines_due, batch)
+            batch = _drain_now(self._lines)
             lines = []
             reached = []
             for item in batch:
@@ -475,10 +494,21 @@ class AccessLog:
 _T = TypeVar("_T")
 
 
-def _drain(source: queue.SimpleQueue[_T], first: _T, most: int = 1024) -> list[_T]:
-    """*first* and whatever else is queued behind it, up to *most* items."""
-    batch = [first]
-    while len(batch) < most:
+#: Items taken from a queue in one round; a full round starts the next one at once.
+ROUND_ITEMS = 1024
+
+
+def _wait_for_round(due: threading.Event, last: list[Any]) -> None:
+    """Wait for the next round: none after a full one, else until it is due or asked for."""
+    if len(last) < ROUND_ITEMS:
+        due.wait(DRAIN_SECONDS if last else IDLE_DRAIN_SECONDS)
+    due.clear()
+
+
+def _drain_now(source: queue.SimpleQueue[_T]) -> list[_T]:
+    """Whatever is queued, up to ``ROUND_ITEMS`` items, without waiting."""
+    batch: list[_T] = []
+    while len(batch) < ROUND_ITEMS:
         try:
             batch.append(source.get_nowait())
         except queue.Empty:

@@ -17,6 +17,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from app import create_app
 from app.clock import SYSTEM_CLOCK, Clock
+from app.observability import ACCESS_LOG
 from app.settings import SettingsSchema
 from app.stores.sqlite_schema import initialise
 from simulator import AmplitudeSimulator
@@ -43,6 +44,14 @@ def base_env(sim: AmplitudeSimulator, **overrides: Any) -> dict[str, str]:
     }
     env.update({key: str(value) for key, value in overrides.items()})
     return env
+
+
+@pytest.fixture(autouse=True)
+def _access_lines_stay_with_their_test() -> Iterator[None]:
+    """Access lines are written in rounds, not per request: write a test's own before it ends,
+    so they land in its captured output and not in the next test's."""
+    yield
+    ACCESS_LOG.flush()
 
 
 @pytest.fixture(scope="session")
