@@ -114,13 +114,14 @@ def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
 _NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 
 
-def _render(exc: ApiError) -> Response:
+def render_error(exc: ApiError) -> Response:
+    """The answer for a typed error: its JSON body, status and headers."""
     return json_response(exc.body(), exc.code or 500, {**ERROR_HEADERS, **exc.extra_headers})
 
 
 def _render_http(exc: HTTPException) -> Response:
     if isinstance(exc, ApiError):
-        return _render(exc)
+        return render_error(exc)
     code = exc.code or 500
     error = _GENERIC_CODES.get(code) or (exc.name or "error").lower().replace(" ", "_")
     headers = dict(ERROR_HEADERS)

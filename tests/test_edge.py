@@ -1,9 +1,10 @@
-"""Cache hits answered at the WSGI edge are byte for byte what Flask's path answers.
+"""Answers from the WSGI edge are byte for byte what Flask's path answers.
 
 The same table of requests (every route, credentials styles, odd ids, bad input, misses
-then hits) goes to two services on one fake clock and one simulator: one with the edge
-(the default), one with ``EDGE_HITS=false``. Status line, every header but ``Date``,
-body, access line and request metrics must match.
+then hits, then misses while Amplitude fails in several ways) goes to two services on
+one fake clock and one simulator: one with the edge (the default), one with
+``EDGE_HITS=false``. Status line, every header but ``Date``, body, access line and
+request metrics must match.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ PATHS = [
     "/v1/things/user-42/cohorts",
     "/v1/users/user-42/cohorts?unused=1",
 ]
+#: Upstream failures, each met by a few fresh users (with and without a default) after the table.
+FAULTS = [
+    ("status", {"status": 500}),
+    ("wrong_shape", {}),
+    ("unauthorized", {}),
+    ("rate_limited", {"retry_after": 30}),  # last: its back-off keeps Amplitude out of reach
+]
+FAULT_PATHS = [
+    "/v1/users/{u}/recommendations/rec_home?default=a,b",
+    "/v1/users/{u}/recommendations/rec_home",
+    "/v1/users/{u}/cohorts",
+]
 CREDENTIALS = [
     {"Authorization": f"Bearer {BRAZE_KEY}"},
     {"X-API-Key": CURL_KEY},
@@ -84,8 +97,9 @@ def access_lines(capsys) -> list[dict]:
 
 def test_every_answer_is_the_same_with_and_without_the_edge(make_service, sim, capsys):
     # Two clocks from the same start: each service lives the same (fake) time.
-    edge = make_service(clock=FakeClock())
-    flask = make_service(clock=FakeClock(), EDGE_HITS="false")
+    # The circuit stays closed through the failures, so each one meets Amplitude.
+    edge = make_service(clock=FakeClock(), BREAKER_FAILURE_THRESHOLD="100")
+    flask = make_service(clock=FakeClock(), BREAKER_FAILURE_THRESHOLD="100", EDGE_HITS="false")
     answers: dict[str, list] = {"edge": [], "flask": []}
     lines: dict[str, list] = {}
     for name, service in (("edge", edge), ("flask", flask)):
@@ -98,12 +112,23 @@ def test_every_answer_is_the_same_with_and_without_the_edge(make_service, sim, c
                     answers[name].append((path, attempt, raw_get(service.url, path, headers)))
             head = {"X-API-Key": CURL_KEY, "X-Request-ID": f"t-{n}-head"}
             answers[name].append((path, "head", raw_get(service.url, path, head, "HEAD")))
+        for n, (mode, options) in enumerate(FAULTS):
+            sim.set_fault(mode, **options)
+            for k, template in enumerate(FAULT_PATHS):
+                path = template.format(u=f"fault-{n}-{k}")
+                headers = {**CREDENTIALS[0], "X-Request-ID": f"f-{n}-{k}"}
+                answers[name].append((path, mode, raw_get(service.url, path, headers)))
+            sim.set_fault("none")
         lines[name] = access_lines(capsys)
     assert len(answers["edge"]) == len(answers["flask"])
     for mine, theirs in zip(answers["edge"], answers["flask"], strict=True):
         assert mine == theirs
     assert lines["edge"] == lines["flask"]
     hits = [answer for _, attempt, answer in answers["edge"] if attempt == "hit" and answer[0] == "200 OK"]
+    faults = [json.loads(answer[2]) for _, attempt, answer in answers["edge"] if attempt in dict(FAULTS)]
+    errors = {body.get("error") or body.get("reason") for body in faults}
+    assert {"upstream_unavailable", "upstream_misconfigured", "rate_limited"} <= errors, faults
+    assert any(body.get("fallback") for body in faults)
     assert len(hits) > 50  # the table really exercised cached answers...
     assert edge.extensions.edge.answered >= len(hits) // 2  # ...and the edge answered them
     assert flask.extensions.edge is None

@@ -1,13 +1,16 @@
-"""Fresh cache hits answered at the WSGI edge, before Flask's dispatch.
+"""Data answers at the WSGI edge, before Flask's dispatch.
 
 Most of a cached answer's cost is Flask's request machinery, not the work: find the
 route, check the caller key, look up the cached profile, shape a small object. This
 middleware does exactly that with the same pieces Flask's path uses (the URL map, the
 caller keys, the query schemas, the route's own view function, the same headers, access
-line and metrics) and hands everything else to Flask unchanged: a miss, a stale or
-not-found entry, a bad credential, a bad parameter, any method but GET, any path the map
-does not match, an exception of any kind. An answer is byte for byte what Flask would
-have sent (``tests/test_edge.py`` compares the two).
+line and metrics). Once a request has passed every check Flask's gate would make, its
+lookup runs here too, whatever it finds: a fresh hit, or a miss, a stale or not-found
+entry with its upstream call, and the typed error or fallback the view answers (a miss
+spends most of its CPU holding the GIL, and Flask's machinery was a fifth of it).
+Everything else goes to Flask unchanged: a bad credential, a bad parameter, any method
+but GET, any path the map does not match, an unexpected exception. An answer is byte for
+byte what Flask would have sent (``tests/test_edge.py`` compares the two).
 
 The shaped answer is kept per (path, query) with the cache entry it came from: while
 that entry is the one in the cache and still fresh, the next hit reuses the body and
@@ -25,9 +28,11 @@ from cachetools import LRUCache
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
+from app.clock import Deadline
+from app.errors import ApiError, render_error
 from app.http.arrival import ARRIVAL_KEY
 from app.http.auth import presented_key
-from app.http.gate import account, decode_path_values
+from app.http.gate import RESPONSE_MARGIN_SECONDS, account, decode_path_values
 from app.http.params import MAX_QUERY_BYTES
 from app.http.routes import ROUTES, query_args
 from app.lookup import NotCached, last_cached
@@ -155,7 +160,7 @@ class CachedHitEdge:
     def _shape(
         self, key: tuple[str, str], environ: dict[str, Any], start_response: Any, caller: str, raw_query: str
     ) -> Iterable[bytes] | None:
-        """Run the route's own view on the cached profile (it raises NotCached on anything else)."""
+        """Run the route's own view: on the cached profile, else with the full lookup."""
         rule, values = self.adapter.match(environ["PATH_INFO"], method="GET", return_rule=True)
         spec = ROUTES.get(rule.endpoint)
         if spec is None or spec.view is None or not spec.serves_data:
@@ -163,8 +168,19 @@ class CachedHitEdge:
         trace = self._trace(environ, caller, raw_query)
         values = dict(values)
         decode_path_values(trace, values)
+        args = query_args(spec.args, raw_query)
         last_cached.entry = None
-        response = spec.view(trace, query_args(spec.args, raw_query), **values)
+        try:
+            response = spec.view(trace, args, **values)
+        except NotCached:
+            # Past every check of Flask's gate: the lookup, with the deadline the gate would set.
+            extensions = self.extensions
+            seconds = extensions.settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS
+            trace.deadline = Deadline.after(extensions.clock, seconds, trace.started)
+            try:
+                response = spec.view(trace, args, **values)
+            except ApiError as exc:
+                response = render_error(exc)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Request-ID"] = trace.request_id
         account(trace, response.status_code, "GET", rule.rule)
