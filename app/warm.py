@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     summary = Summary(total=len(ids))
+    _stop_on_sigterm()
     warmer = Warmer(base, "devices" if args.devices else "users", key, args.concurrency, args.retries)
     try:
         _run(warmer, ids, summary, progress=not args.no_progress)
@@ -270,6 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary.as_dict()) if args.json else summary.line(), flush=True)
     code = warmer.fatal.code if warmer.fatal is not None else int(summary.counts[FAILED] > 0)
     return 130 if summary.interrupted else code
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a job or container being stopped, a CI timeout) stops a run as Ctrl-C does:
+    requests in flight finish, and the summary of what was done is printed."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _run(warmer: Warmer, ids: list[str], summary: Summary, progress: bool) -> None:

@@ -145,7 +145,7 @@ def test_bulk_warming_yields_to_live_messages_and_together_they_use_the_limit(gu
             ask_live(n)
         together = calls_in_last(sim, 60.0)
     finally:
-        warm.send_signal(signal.SIGINT)
+        warm.send_signal(signal.SIGTERM)
         try:
             warm.wait(timeout=20)
         except subprocess.TimeoutExpired:

@@ -209,15 +209,22 @@ def test_command_line_reads_stdin_and_prints_json(service, sim):
     assert BRAZE_KEY not in out + err
 
 
-def test_interrupt_stops_cleanly_with_the_summary_so_far(service, sim, tmp_path):
+def _at_a_terminal() -> None:
+    # Ctrl-C at a terminal: a shell without job control starts background commands with
+    # SIGINT ignored, and a test run may be one of them; the child must not inherit that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_stops_cleanly_with_the_summary_so_far(service, sim, tmp_path, signum):
     sim.latency_ms = 150
     ids = write(tmp_path, "ids.txt", "\n".join(f"user-{n}" for n in range(300)))
-    process = run_cli(ids, "--url", service.url, "--concurrency", "2")
+    process = run_cli(ids, "--url", service.url, "--concurrency", "2", preexec_fn=_at_a_terminal)
     try:
         deadline = time.monotonic() + 20
         while sim.calls < 4 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         out, err = process.communicate(timeout=20)
     finally:
         if process.poll() is None:
