@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import logging
 from typing import Annotated, Any, Required, TypedDict
-from urllib.parse import urlencode
 
 import certifi
 import msgspec
@@ -145,7 +144,7 @@ class AmplitudeClient:
                 raise
 
     def _exchange(self, query: ProfileQuery, deadline: Deadline, timeout: urllib3.Timeout) -> tuple[int, Any, bytes]:
-        target = f"{self.path}?{urlencode(query.upstream_params())}"
+        target = f"{self.path}?{query.upstream_query()}"
         response = None
         complete = False
         try:

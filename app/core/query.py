@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlencode
 
 from app.settings import Settings
 
@@ -25,17 +27,19 @@ class Identity:
 
     id_field: str
     value: str
+    #: The identity in cache keys (computed once: a request reads it several times).
+    cache_token: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Hashing keeps keys short and free of whatever bytes an id holds;
+        # the NUL separator cannot occur in a validated id, so two identities never mix.
+        token = hashlib.sha256(f"{self.id_field}\0{self.value}".encode()).hexdigest()[:32]
+        object.__setattr__(self, "cache_token", token)
 
     @property
     def never_stored(self) -> bool:
         """Whether Amplitude refuses this value as an identity, so asking would only spend budget."""
         return self.value.strip().lower() in NEVER_STORED
-
-    @property
-    def cache_token(self) -> str:
-        # Hashing keeps keys short and free of whatever bytes an id holds;
-        # the NUL separator cannot occur in a validated id, so two identities never mix.
-        return hashlib.sha256(f"{self.id_field}\0{self.value}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +53,30 @@ class ProfileQuery:
     rec_type: str | None = None
     prediction_ids: tuple[str, ...] = ()
     propensity_type: str | None = None
+    #: Where the answer is cached: the identity and the shape of the request (computed once).
+    cache_key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        parts = (
+            "p" if self.properties else "",
+            "c" if self.cohorts else "",
+            ",".join(self.rec_ids),
+            self.rec_type or "",
+            ",".join(self.prediction_ids),
+            self.propensity_type or "" if self.prediction_ids else "",
+        )
+        object.__setattr__(self, "cache_key", f"{self.identity.cache_token}:{_shape_token(parts)}")
+
+    def upstream_query(self) -> str:
+        """The query string for ``/v1/userprofile``: the identity URL-encoded whole (any
+        ``&``, ``#``, ``/`` or comma in it stays part of the one value); the comma lists
+        (``rec_id=a,b``) keep their commas, as Amplitude documents them."""
+        identity, *rest = self.upstream_params()
+        head = urlencode([identity])
+        return f"{head}&{urlencode(rest, safe=',')}" if rest else head
 
     def upstream_params(self) -> list[tuple[str, str]]:
-        """Query parameters for ``/v1/userprofile``; each value is URL-encoded."""
+        """Query parameters for ``/v1/userprofile``, identity first (see :meth:`upstream_query`)."""
         params = [(self.identity.id_field, self.identity.value)]
         if self.properties:
             params += [("get_amp_props", "true"), ("get_computations", "true")]
@@ -70,22 +95,15 @@ class ProfileQuery:
         return params
 
     @property
-    def cache_key(self) -> str:
-        parts = (
-            "p" if self.properties else "",
-            "c" if self.cohorts else "",
-            ",".join(self.rec_ids),
-            self.rec_type or "",
-            ",".join(self.prediction_ids),
-            self.propensity_type or "" if self.prediction_ids else "",
-        )
-        shape = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-        return f"{self.identity.cache_token}:{shape}"
-
-    @property
     def negative_key(self) -> str:
         """Where "Amplitude has not seen this identity" is kept: one per identity, whatever the shape."""
         return f"{self.identity.cache_token}:unknown"
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_token(parts: tuple[str, ...]) -> str:
+    """A request shape in cache keys (a service asks a handful of shapes, over and over)."""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 class QueryPlanner:

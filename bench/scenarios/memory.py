@@ -36,6 +36,10 @@ from bench.common import (
 )
 from bench.options import Options
 
+#: Connections filling the worker over HTTP (as many as its request threads), and the
+#: fresh profiles asked for at that concurrency before the baseline is read.
+FILL_CONNECTIONS, WARM_PROFILES = 32, 500
+
 
 def in_process(count: int) -> dict[str, Any]:
     env = {"BENCH_REC_IDS": PROFILE_REC_IDS, "BENCH_PREDICTION_IDS": PROFILE_PREDICTION_IDS}
@@ -85,11 +89,16 @@ def over_http(count: int, opts: Options) -> dict[str, Any]:
         )
         server = start_gunicorn("service-memory", env)
         (worker,) = server.worker_pids()
-        # Every code path once (and connections opened) before the baseline.
+        # Every code path once (and connections opened) before the baseline, and every
+        # request thread used, at the fill's concurrency: what a thread costs once (its
+        # stack, its malloc arena) is not what a cached profile costs.
         with requests.Session() as session:
             session.headers["Authorization"] = CALLER_AUTH
             for n in range(200):
                 session.get(f"{server.url}/v1/users/memwarm-{n}", timeout=5).raise_for_status()
+        warm_ids = [f"/v1/users/memwarm-c-{n}" for n in range(WARM_PROFILES)]
+        run_wrk(server.url, write_paths(warm_ids, "memory-warm.txt"), FILL_CONNECTIONS, 2.0, mode="sequential",
+                threads=opts.wrk_threads)  # fmt: skip
         baseline = rss_bytes(worker)
         calls_start = sim.calls()
         started = time.monotonic()
@@ -106,7 +115,12 @@ def over_http(count: int, opts: Options) -> dict[str, Any]:
             # Sequential wrk stops sending fresh ids when the list ends (it wraps to
             # already-cached ids, which cost nothing); a short round keeps it honest.
             run_wrk(
-                server.url, paths, 32, min(20.0, max(2.0, remaining / 300)), mode="sequential", threads=opts.wrk_threads
+                server.url,
+                paths,
+                FILL_CONNECTIONS,
+                min(20.0, max(2.0, remaining / 300)),
+                mode="sequential",
+                threads=opts.wrk_threads,
             )
             log(f"memory: http fill round {round_number}: {sim.calls() - calls_start} profiles")
         entries = sim.calls() - calls_start

@@ -19,7 +19,6 @@ import functools
 import time
 from dataclasses import asdict
 from typing import Any
-from urllib.parse import urlencode
 
 from bench.common import (
     PROFILE_PREDICTION_IDS,
@@ -57,7 +56,7 @@ def upstream_path(user: str) -> str:
     from app.core.query import Identity
 
     query = _planner().whole(Identity("user_id", user))
-    return "/v1/userprofile?" + urlencode(query.upstream_params())
+    return "/v1/userprofile?" + query.upstream_query()
 
 
 def cold_lines(prefix: str, count: int, direct: bool) -> list[str]:

@@ -59,3 +59,21 @@ def test_the_whole_profile_asks_for_everything_in_one_request():
         "prediction_id": "pred_churn",
         "propensity_type": "score",
     }
+
+
+def test_the_query_string_keeps_any_id_whole_and_lists_as_commas():
+    from urllib.parse import parse_qs
+
+    for value in ("a&user_id=b", "x#y", "a/b", "a,b", "a b+c", "café", "100%"):
+        query = PLANNER.whole(Identity("user_id", value)).upstream_query()
+        parsed = parse_qs(query, keep_blank_values=True, strict_parsing=True)
+        assert parsed["user_id"] == [value]
+        assert parsed["rec_id"] == ["rec_email,rec_home"]
+    assert "rec_id=rec_email,rec_home" in PLANNER.whole(USER).upstream_query()  # no %2C: one less re-encoding
+    assert PLANNER.whole(Identity("user_id", "a,b")).upstream_query().startswith("user_id=a%2Cb&")
+
+
+def test_equal_queries_share_their_keys():
+    again = PLANNER.whole(Identity("user_id", "user-42"))
+    assert again == PLANNER.whole(USER) and again.cache_key == PLANNER.whole(USER).cache_key
+    assert USER.cache_token == Identity("user_id", "user-42").cache_token
