@@ -131,7 +131,7 @@ def _render_http(exc: HTTPException) -> Response:
     return json_response({"error": error, "message": message}, code, headers)
 
 
-def _render_unexpected(exc: Exception) -> Response:
+def render_unexpected(exc: Exception) -> Response:
     # The trace goes to the log; the caller only learns that something broke.
     log.exception("unhandled error while serving a request", exc_info=exc)
     return json_response({"error": "internal_error", "message": "internal error"}, 500, ERROR_HEADERS)
@@ -140,4 +140,4 @@ def _render_unexpected(exc: Exception) -> Response:
 def register_error_handlers(app: Flask) -> None:
     """Answer every error, Flask's own included, with the JSON contract."""
     app.register_error_handler(HTTPException, _render_http)
-    app.register_error_handler(Exception, _render_unexpected)
+    app.register_error_handler(Exception, render_unexpected)

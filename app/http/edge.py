@@ -9,8 +9,8 @@ lookup runs here too, whatever it finds: a fresh hit, or a miss, a stale or not-
 entry with its upstream call, and the typed error or fallback the view answers (a miss
 spends most of its CPU holding the GIL, and Flask's machinery was a fifth of it).
 Everything else goes to Flask unchanged: a bad credential, a bad parameter, any method
-but GET, any path the map does not match, an unexpected exception. An answer is byte for
-byte what Flask would have sent (``tests/test_edge.py`` compares the two).
+but GET, any path the map does not match, an unexpected exception before the lookup. An
+answer is byte for byte what Flask would have sent (``tests/test_edge.py`` compares the two).
 
 The shaped answer is kept per (path, query) with the cache entry it came from: while
 that entry is the one in the cache and still fresh, the next hit reuses the body and
@@ -29,7 +29,7 @@ from flask import Flask
 from werkzeug.exceptions import HTTPException
 
 from app.clock import Deadline
-from app.errors import ApiError, render_error
+from app.errors import ApiError, render_error, render_unexpected
 from app.http.arrival import ARRIVAL_KEY
 from app.http.auth import presented_key
 from app.http.gate import RESPONSE_MARGIN_SECONDS, account, decode_path_values
@@ -181,6 +181,8 @@ class CachedHitEdge:
                 response = spec.view(trace, args, **values)
             except ApiError as exc:
                 response = render_error(exc)
+            except Exception as exc:  # as Flask's handler would: asking Flask again could call Amplitude twice
+                response = render_unexpected(exc)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Request-ID"] = trace.request_id
         account(trace, response.status_code, "GET", rule.rule)
