@@ -22,7 +22,8 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import BRAZE_KEY, CURL_KEY, ROOT
+from app.settings import load_settings
+from tests.conftest import BRAZE_KEY, CURL_KEY, ROOT, base_env
 
 #: What Braze gives an answer; the service's own deadline (1.5 s) sits inside it.
 BRAZE_TIMEOUT = 2.0
@@ -119,11 +120,13 @@ def test_bulk_warming_yields_to_live_messages_and_together_they_use_the_limit(gu
     limit = 600
     sim.rate_limit_per_minute = limit
     warm_key = "test-key-warm-0003"
-    service = gunicorn_service(
-        UPSTREAM_RATE_LIMIT_PER_MINUTE=limit,
-        PROXY_API_KEYS=f"braze:{BRAZE_KEY},curl:{CURL_KEY},warm:{warm_key}",
-        BULK_CALLERS="warm",
-    )
+    overrides = {
+        "UPSTREAM_RATE_LIMIT_PER_MINUTE": limit,
+        "PROXY_API_KEYS": f"braze:{BRAZE_KEY},curl:{CURL_KEY},warm:{warm_key}",
+        "BULK_CALLERS": "warm",
+    }
+    settings = load_settings(base_env(sim, **overrides))
+    service = gunicorn_service(**overrides)
     ids = tmp_path / "ids.txt"
     ids.write_text("\n".join(f"bulk-{n}" for n in range(2000)))
     live: list[dict] = []
@@ -152,6 +155,12 @@ def test_bulk_warming_yields_to_live_messages_and_together_they_use_the_limit(gu
             warm.kill()
             warm.wait()
     assert [answer["fallback"] for answer in live] == [False] * len(live), [a for a in live if a["fallback"]][:3]
-    assert together >= 0.98 * limit, together
+    # The most the design lets through in 60 s here: bulk work stops at the limit less the
+    # live reserve, counted over the admission window (60 s + the send allowance + the
+    # connect timeout), so about 588 of 600. Each slot is taken again a scheduling delay
+    # after it frees, so a busy machine gets a few fewer; wasting whole seconds (every
+    # warm worker pausing on a 503) loses more than the 1 % of the limit allowed here.
+    ceiling = (limit - settings.live_reserve) * 60.0 / settings.admission_window_seconds
+    assert together >= ceiling - 0.01 * limit, (together, ceiling)
     assert sim.count_by_status().get(429, 0) == 0
     assert sim.max_in_window(60.0) <= limit
