@@ -20,9 +20,9 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 import orjson
 from prometheus_client import (
@@ -447,18 +447,10 @@ class AccessLog:
                 atexit.register(self.flush)
 
     def _count_forever(self) -> None:
-        batch: list[Any] = []
-        while True:
-            # Also publishes, at least every IDLE_DRAIN_SECONDS, drops of lines that were not requests'.
-            _wait_for_round(self._counts_due, batch)
-            batch = _drain_now(self._counts)
-            reached = []
+        # Also publishes, at least every IDLE_DRAIN_SECONDS, drops of lines that were not requests'.
+        for items, reached in _rounds(self._counts_due, self._counts):
             counted_for: set[Metrics] = set()
-            for item in batch:
-                if isinstance(item, threading.Event):
-                    reached.append(item)
-                    continue
-                metrics, fields = item
+            for metrics, fields in items:
                 _count(metrics, fields)
                 counted_for.add(metrics)
             self._counted_for.update(counted_for)
@@ -469,17 +461,8 @@ class AccessLog:
                 event.set()
 
     def _write_forever(self) -> None:
-        batch: list[Any] = []
-        while True:
-            _wait_for_round(self._lines_due, batch)
-            batch = _drain_now(self._lines)
-            lines = []
-            reached = []
-            for item in batch:
-                if isinstance(item, threading.Event):
-                    reached.append(item)
-                else:
-                    lines.append(_access_line(item))
+        for items, reached in _rounds(self._lines_due, self._lines):
+            lines = [_access_line(fields) for fields in items]
             if lines:
                 stream = self.stream or sys.stdout
                 try:
@@ -491,29 +474,33 @@ class AccessLog:
                 event.set()
 
 
-_T = TypeVar("_T")
-
-
 #: Items taken from a queue in one round; a full round starts the next one at once.
 ROUND_ITEMS = 1024
 
 
-def _wait_for_round(due: threading.Event, last: list[Any]) -> None:
-    """Wait for the next round: none after a full one, else until it is due or asked for."""
-    if len(last) < ROUND_ITEMS:
-        due.wait(DRAIN_SECONDS if last else IDLE_DRAIN_SECONDS)
-    due.clear()
+def _rounds(due: threading.Event, source: queue.SimpleQueue[Any]) -> Iterator[tuple[list[Any], list[threading.Event]]]:
+    """Forever: what was queued since the last round, and the flush marks among it.
 
-
-def _drain_now(source: queue.SimpleQueue[_T]) -> list[_T]:
-    """Whatever is queued, up to ``ROUND_ITEMS`` items, without waiting."""
-    batch: list[_T] = []
-    while len(batch) < ROUND_ITEMS:
-        try:
-            batch.append(source.get_nowait())
-        except queue.Empty:
-            break
-    return batch
+    The next round comes at once after a full one (``ROUND_ITEMS``), else when it is due
+    (``DRAIN_SECONDS`` after a round with something in it, ``IDLE_DRAIN_SECONDS`` after an
+    empty one) or asked for (*due* set).
+    """
+    taken = 0
+    while True:
+        if taken < ROUND_ITEMS:
+            due.wait(DRAIN_SECONDS if taken else IDLE_DRAIN_SECONDS)
+        due.clear()
+        items: list[Any] = []
+        reached: list[threading.Event] = []
+        taken = 0
+        while taken < ROUND_ITEMS:
+            try:
+                item = source.get_nowait()
+            except queue.Empty:
+                break
+            taken += 1
+            (reached if isinstance(item, threading.Event) else items).append(item)
+        yield items, reached
 
 
 def _count(metrics: Metrics, fields: dict[str, Any]) -> None:
