@@ -27,7 +27,7 @@ from app.observability import AccessLog, Metrics
 from app.settings import SettingsSchema
 from simulator import AmplitudeSimulator
 from testkit import wait_until
-from testkit.processes import ROOT, Proc, free_port, gunicorn_env, wait_http
+from testkit.processes import ROOT, Proc, children, free_port, gunicorn_env, wait_http
 from tests.conftest import BRAZE_KEY, base_env
 
 AUTH = {"Authorization": f"Bearer {BRAZE_KEY}"}
@@ -53,20 +53,6 @@ def scrape(url: str) -> requests.Response:
 def worker_of(response: requests.Response) -> str:
     """Which process answered: the per-process prefix of the request id it made up."""
     return response.headers["X-Request-ID"][:16]
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is *pid* (gunicorn's workers, for its master)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # gone meanwhile
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def rss_mb(pid: int) -> float:
