@@ -6,7 +6,7 @@ import functools
 import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 from app.settings import Settings
 
@@ -70,34 +70,54 @@ class ProfileQuery:
     def upstream_query(self) -> str:
         """The query string for ``/v1/userprofile``: the identity URL-encoded whole (any
         ``&``, ``#``, ``/`` or comma in it stays part of the one value); the comma lists
-        (``rec_id=a,b``) keep their commas, as Amplitude documents them."""
-        identity, *rest = self.upstream_params()
-        head = urlencode([identity])
-        return f"{head}&{urlencode(rest, safe=',')}" if rest else head
+        (``rec_id=a,b``) keep their commas, as Amplitude documents them. Everything but the
+        identity is the request's shape, encoded once per shape."""
+        head = f"{self.identity.id_field}={quote_plus(self.identity.value)}"
+        tail = _shape_query(*self._shape())
+        return f"{head}&{tail}" if tail else head
 
     def upstream_params(self) -> list[tuple[str, str]]:
         """Query parameters for ``/v1/userprofile``, identity first (see :meth:`upstream_query`)."""
-        params = [(self.identity.id_field, self.identity.value)]
-        if self.properties:
-            params += [("get_amp_props", "true"), ("get_computations", "true")]
-        if self.cohorts:
-            params.append(("get_cohort_ids", "true"))
-        if self.rec_ids:
-            params += [("get_recs", "true"), ("rec_id", ",".join(self.rec_ids))]
-            if self.rec_type:
-                params.append(("rec_type", self.rec_type))
-        if self.prediction_ids:
-            params += [
-                ("get_propensity", "true"),
-                ("prediction_id", ",".join(self.prediction_ids)),
-                ("propensity_type", self.propensity_type or "score"),
-            ]
-        return params
+        return [(self.identity.id_field, self.identity.value), *_shape_params(*self._shape())]
+
+    def _shape(self) -> tuple[bool, bool, tuple[str, ...], str | None, tuple[str, ...], str | None]:
+        return (self.properties, self.cohorts, self.rec_ids, self.rec_type, self.prediction_ids,
+                self.propensity_type)  # fmt: skip
 
     @property
     def negative_key(self) -> str:
         """Where "Amplitude has not seen this identity" is kept: one per identity, whatever the shape."""
         return f"{self.identity.cache_token}:unknown"
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_params(
+    properties: bool, cohorts: bool, rec_ids: tuple[str, ...], rec_type: str | None,
+    prediction_ids: tuple[str, ...], propensity_type: str | None,
+) -> tuple[tuple[str, str], ...]:  # fmt: skip
+    """The parameters that follow the identity, for one request shape."""
+    params: list[tuple[str, str]] = []
+    if properties:
+        params += [("get_amp_props", "true"), ("get_computations", "true")]
+    if cohorts:
+        params.append(("get_cohort_ids", "true"))
+    if rec_ids:
+        params += [("get_recs", "true"), ("rec_id", ",".join(rec_ids))]
+        if rec_type:
+            params.append(("rec_type", rec_type))
+    if prediction_ids:
+        params += [
+            ("get_propensity", "true"),
+            ("prediction_id", ",".join(prediction_ids)),
+            ("propensity_type", propensity_type or "score"),
+        ]
+    return tuple(params)
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_query(*shape: Any) -> str:
+    """:func:`_shape_params` URL-encoded, commas kept (a service asks a handful of shapes)."""
+    return urlencode(_shape_params(*shape), safe=",")
 
 
 @functools.lru_cache(maxsize=256)
