@@ -29,8 +29,28 @@ import gunicorn.http.wsgi
 # No version banner in responses.
 gunicorn.http.wsgi.SERVER = "amplitude-profile-proxy"
 
-workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
-threads = int(os.environ.get("GUNICORN_THREADS") or 32)
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU limit
+    (a container's ``--cpus``, a Kubernetes CPU limit), which os.cpu_count() ignores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as limit:
+            quota, period = limit.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # rounded up: 1.5 CPUs -> 2
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+workers = int(os.environ.get("WEB_CONCURRENCY") or available_cores())
+# 32 threads for one worker; 16 each when there are several. The threads of one process
+# share its GIL, and 32 of them contend for it: on 2 cores, two workers of 16 serve about a
+# fifth more cached answers than two of 32 (docs/benchmarks.md), with the same 24 waiting
+# misses between them (UPSTREAM_MAX_WAITING below).
+threads = int(os.environ.get("GUNICORN_THREADS") or (32 if workers == 1 else 16))
 # gthread, answering the requests gunicorn refuses itself (malformed, over-long) with JSON.
 worker_class = "app.http.worker.JsonErrorThreadWorker"
 # No runtime control socket: nothing here uses it, and every master on a host would share
@@ -42,7 +62,7 @@ control_socket_disable = True
 # of worker processes across all of them.
 os.environ.setdefault("UPSTREAM_BUDGET_SHARES", str(workers))
 # Requests waiting on Amplitude are kept below the threads, so a cached answer always
-# finds a thread: three quarters of them (24 of 32), at least 4 threads left over.
+# finds a thread: three quarters of them (24 of 32, 12 of 16), at least 4 threads left over.
 os.environ.setdefault("UPSTREAM_MAX_WAITING", str(max(1, threads - max(4, threads // 4))))
 
 # prometheus_client's multi-process mode: every worker writes its metrics to files here,
@@ -103,6 +123,11 @@ def on_starting(server: object) -> None:
         print(f"configuration error: {prefix}{exc}", file=sys.stderr)
         on_exit(server)
         sys.exit(2)
+    server.log.info(  # type: ignore[attr-defined]
+        "%d worker%s x %d threads; up to %s requests per worker wait on Amplitude",
+        server.cfg.workers, "" if server.cfg.workers == 1 else "s",  # type: ignore[attr-defined]
+        server.cfg.threads, os.environ["UPSTREAM_MAX_WAITING"],  # type: ignore[attr-defined]
+    )  # fmt: skip
     # Counts from a previous run must not be added to this one's.
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     os.makedirs(_metrics_dir, exist_ok=True)
