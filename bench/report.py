@@ -330,7 +330,10 @@ def _hit_section(out: list[str], hit: dict[str, Any], plot_name: str | None) -> 
     add(
         f"{hit['users']:,} users, each profile cached beforehand (warmed with one request per user, the "
         f"limits raised out of the way; `CACHE_TTL_SECONDS=3600` so nothing turns stale during the "
-        f"scenario). wrk with keep-alive connections and a 2 s timeout picks each request at random from "
+        f"scenario), then every path of the mix answered once by every worker of each service, over "
+        f"keep-alive connections pinned to that worker: each worker holds every profile in its own cache "
+        f"and every path's shaped answer, as after a long run. wrk with keep-alive connections and a 2 s "
+        f"timeout picks each request at random from "
         f"{hit['paths']:,} paths: every user x five routes "
         f"({', '.join('`' + r.replace('{u}', 'ID') + '`' for r in hit['routes'])}); mean answer "
         f"{hit['mean_body_bytes']:.0f} bytes. The bare Flask app (`bench/bare_app.py`) answers the same "

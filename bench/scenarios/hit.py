@@ -1,15 +1,17 @@
 """Hit path: every profile cached, wrk over a mix of routes; the service against bare Flask.
 
-Three gunicorn servers run side by side, each from the service's own gunicorn.conf.py:
+Four gunicorn servers run side by side, each from the service's own gunicorn.conf.py:
 
-- ``service``: the service, ``WEB_CONCURRENCY`` x ``GUNICORN_THREADS`` (default 1 x 32,
-  what gunicorn.conf.py picks without Redis);
+- ``service``: the service, ``--service-workers`` x ``--service-threads`` (1 x 32);
 - ``bare``: :mod:`bench.bare_app` under exactly the same settings;
 - ``bare_2x16``: the bare app under gthread with 2 workers x 16 threads;
 - ``service_default`` (not in ``--quick``): the service in its default configuration
   without Redis (what gunicorn.conf.py picks: one process per core, sharing the cache
-  through the machine's shared tier), every worker's cache warmed: compared with
-  ``bare_2x16``.
+  through the machine's shared tier): compared with ``bare_2x16``.
+
+Before the runs, every path of the mix is answered once by every worker of each service
+(:func:`warm_every_worker`), so the measured runs see the steady state of a long run:
+every profile in every worker's own cache, every path's shaped answer kept.
 
 Runs are interleaved (service, bare, bare 2x16, then again) so slow drift of the machine
 hits every target alike; the figures are medians over ``--runs`` runs.
@@ -101,32 +103,55 @@ def warm(url: str, users: list[str], concurrency: int = 16, time_limit: float = 
     return statuses
 
 
-def warm_every_worker(server: Server, sim: Any, users: list[str], rounds: int = 12) -> tuple[int, int]:
-    """Warm *users* in every worker of a multi-process service: (rounds, upstream calls).
+def worker_sessions(server: Server, path: str, per_worker: int, attempts: int = 400) -> dict[str, list[Any]]:
+    """Keep-alive sessions pinned to each worker of *server*: {worker's id prefix: sessions}.
 
-    A keep-alive connection stays with one worker, so each round asks for every user on
-    fresh connections (the kernel spreads the accepts) until a whole round is answered
-    from cache. Bounded by *rounds*.
+    A keep-alive connection stays with the worker that accepted it, and every answer's
+    ``X-Request-ID`` starts with a prefix of that worker's own; so new connections are
+    opened (the kernel spreads the accepts) until every worker holds *per_worker* of them.
+    """
+    found: dict[str, list[Any]] = {}
+    for _ in range(attempts):
+        if len(found) == server.workers and all(len(held) >= per_worker for held in found.values()):
+            return found
+        session = requests.Session()
+        session.headers["Authorization"] = CALLER_AUTH
+        response = session.get(server.url + path, timeout=5)
+        held = found.setdefault(response.headers["X-Request-ID"][:16], [])
+        if len(held) < per_worker:
+            held.append(session)
+        else:
+            session.close()
+    raise BenchError(f"{server.name}: no {per_worker} connections to each of {server.workers} workers "
+                     f"in {attempts} attempts ({ {k: len(v) for k, v in found.items()} })")  # fmt: skip
+
+
+def warm_every_worker(server: Server, sim: Any, paths: list[str], per_worker: int = 4) -> tuple[int, int]:
+    """Answer every path of the mix once in every worker: (requests, upstream calls).
+
+    Each worker then holds every profile in its own cache (not only in the shared tier)
+    and the shaped answer of every path, as after a long run. Misses, if any profile is
+    not cached yet, go to Amplitude once and are read back by the other workers.
     """
     start = sim.calls()
+    pinned = worker_sessions(server, paths[0], per_worker)
+    jobs = [(prefix, session, paths[i::per_worker]) for prefix, sessions in pinned.items()
+            for i, session in enumerate(sessions)]  # fmt: skip
 
-    def one(chunk: list[str]) -> int:
-        fresh = 0
-        for user in chunk:
-            response = requests.get(
-                f"{server.url}/v1/users/{user}",
-                headers={"Authorization": CALLER_AUTH, "Connection": "close"},
-                timeout=5,
-            )
-            fresh += response.headers.get("X-Cache") != "HIT"
-        return fresh
+    def one(job: tuple[str, Any, list[str]]) -> int:
+        prefix, session, chunk = job
+        for path in chunk:
+            response = session.get(server.url + path, timeout=5)
+            if response.status_code != 200 or not response.headers["X-Request-ID"].startswith(prefix):
+                worker = response.headers.get("X-Request-ID", "?")[:16]
+                raise BenchError(f"warming {server.name}: {path} gave HTTP {response.status_code} "
+                                 f"from worker {worker}, not {prefix}")  # fmt: skip
+        session.close()
+        return len(chunk)
 
-    for done in range(1, rounds + 1):
-        with ThreadPoolExecutor(8) as pool:
-            not_hits = sum(pool.map(one, [users[i::8] for i in range(8)]))
-        if not not_hits:
-            return done, sim.calls() - start
-    return rounds, sim.calls() - start
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answered = sum(pool.map(one, jobs))
+    return answered, sim.calls() - start
 
 
 def sample_bodies(url: str, user: str) -> dict[str, str]:
@@ -170,6 +195,8 @@ def run(opts: Options) -> dict[str, Any]:
         paths = mix_paths(users)
         paths_file = write_paths(paths, "hit-paths.txt")
         mean_body = sum(len(b.encode()) for b in bodies.values()) / len(bodies)
+        # Every path once, as a long run would have done: each answer's shaped body is kept.
+        warm_every_worker(service, sim, paths)
 
         targets: dict[str, Server] = {"service": service}
         bare_env = dict(env, BENCH_BARE_BODIES=str(bodies_file))
@@ -184,9 +211,9 @@ def run(opts: Options) -> dict[str, Any]:
             default_env = dict(env, WEB_CONCURRENCY="", GUNICORN_THREADS="")  # "" is unset: gunicorn.conf.py chooses
             service_default = start_gunicorn("service-default", default_env, workers=os.cpu_count() or 1)
             servers.append(service_default)
-            rounds, warmed = warm_every_worker(service_default, sim, users)
-            log(f"hit: default configuration ({service_default.workers} workers) warmed in {rounds} rounds "
-                f"with {warmed} upstream calls for {len(users)} users")  # fmt: skip
+            answered, warmed = warm_every_worker(service_default, sim, paths)
+            log(f"hit: default configuration ({service_default.workers} workers): every path answered in every "
+                f"worker ({answered} requests, {warmed} upstream calls for {len(users)} users)")  # fmt: skip
             targets["service_default"] = service_default
 
         runs: dict[int, dict[str, list[dict[str, Any]]]] = {}
