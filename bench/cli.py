@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--memory-http-profiles",
         type=int,
-        help="also fill a gunicorn worker over HTTP with this many profiles (10000; quick 0: skip)",
+        help="also fill a gunicorn worker over HTTP with this many profiles (20000; quick 0: skip)",
     )
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", type=Path, help=f"where {MARKDOWN_NAME} and {PLOT_NAME} go (docs)")

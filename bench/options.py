@@ -37,7 +37,7 @@ class Options:
     campaign_modes: tuple[str, ...] = ("paced", "blast")
     # memory
     memory_profiles: int = 100_000
-    memory_http_profiles: int = 10_000
+    memory_http_profiles: int = 20_000
     notes: list[str] = field(default_factory=list)
 
     @classmethod

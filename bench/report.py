@@ -339,7 +339,9 @@ def _hit_section(out: list[str], hit: dict[str, Any], plot_name: str | None) -> 
         f"{hit['mean_body_bytes']:.0f} bytes. The bare Flask app (`bench/bare_app.py`) answers the same "
         f"paths with a constant JSON object of the same size per route, and runs under the service's own "
         f"gunicorn.conf.py. Median of {hit['run_count']} runs x {hit['duration']:.0f} s per point, runs "
-        f"interleaved across servers; in brackets, the lowest and highest of the runs. Upstream calls "
+        f"interleaved across servers; in brackets, the lowest and highest of the runs. Each ratio is the "
+        f"median of the runs' ratios: run *i* of every server goes back to back with the others' run *i*, "
+        f"so a drift of the machine between rounds cancels out. Upstream calls "
         f"during the measured service runs: "
         f"**{hit['upstream_calls_during_load']}** (every answer was a cache hit).{_when(hit)}"
     )
@@ -369,9 +371,7 @@ def _hit_section(out: list[str], hit: dict[str, Any], plot_name: str | None) -> 
         add("")
     both = [c for c in sorted(summary) if {"service_default", "bare_2x16"} <= set(summary[c])]
     if both:
-        same = ", ".join(
-            f"{summary[c]['service_default']['rps'] / summary[c]['bare_2x16']['rps']:.2f} x at {c}" for c in both
-        )
+        same = ", ".join(f"{ratios[c]['default_vs_bare_2x16']:.2f} x at {c}" for c in both)
         add(
             f"In its default configuration without Redis (one process per core, every worker's cache warmed; "
             f"{hit.get('upstream_calls_during_load_2x16', 0)} upstream calls during its runs), the service serves "

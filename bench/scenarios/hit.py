@@ -70,6 +70,17 @@ def spread(results: list[dict[str, Any]]) -> dict[str, float]:
     return {"rps_min": min(rps), "rps_max": max(rps), "p99_min": min(p99), "p99_max": max(p99)}
 
 
+def paired_ratio(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> float:
+    """The median of the runs' req/s ratios, run *i* of one server against run *i* of the other.
+
+    The runs of one round go back to back, so a drift of the machine between rounds (a
+    shared or virtual machine speeds up and slows down by tens of percent) cancels out
+    in each ratio; a ratio of the two medians could set one round's run against another's.
+    """
+    pairs = [a["rps"] / b["rps"] for a, b in zip(ours, theirs, strict=True) if b["rps"]]
+    return median(pairs) if pairs else 0.0
+
+
 def mix_paths(users: list[str]) -> list[str]:
     """Every route for every user, shuffled (wrk then picks lines at random)."""
     paths = [template.format(u=user) for user in users for template in ROUTES.values()]
@@ -260,15 +271,13 @@ def run(opts: Options) -> dict[str, Any]:
                 "timeouts": sum(r["errors"]["timeout"] for r in results),
                 "requests": sum(r["requests"] for r in results),
             }
-        service_rps = summary[conns]["service"]["rps"]
         ratios[conns] = {
-            name: service_rps / summary[conns][name]["rps"]
+            name: paired_ratio(by_target["service"], by_target[name])
             for name in ("bare", "bare_2x16", "service_default")
-            if name in summary[conns] and summary[conns][name]["rps"]
+            if name in by_target
         }
-        if {"service_default", "bare_2x16"} <= set(summary[conns]) and summary[conns]["bare_2x16"]["rps"]:
-            default_rps = summary[conns]["service_default"]["rps"]
-            ratios[conns]["default_vs_bare_2x16"] = default_rps / summary[conns]["bare_2x16"]["rps"]
+        if {"service_default", "bare_2x16"} <= set(by_target):
+            ratios[conns]["default_vs_bare_2x16"] = paired_ratio(by_target["service_default"], by_target["bare_2x16"])
     return {
         "users": len(users),
         "paths": len(paths),
