@@ -32,16 +32,23 @@ gunicorn.http.wsgi.SERVER = "amplitude-profile-proxy"
 
 
 def available_cores() -> int:
-    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU limit
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU limit
     (a container's ``--cpus``, a Kubernetes CPU limit), which os.cpu_count() ignores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as limit:
-            quota, period = limit.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))  # rounded up: 1.5 CPUs -> 2
-    except (OSError, ValueError):
-        pass
+    # cgroup v2 ("QUOTA PERIOD" or "max PERIOD"), else v1 (a quota of -1 is no limit).
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):  # fmt: skip
+        try:
+            with open(quota_file) as handle:
+                quota, *rest = handle.read().split()
+            if period_file:
+                with open(period_file) as handle:
+                    rest = handle.read().split()
+            if quota not in ("max", "-1"):
+                cores = min(cores, max(1, -(-int(quota) // int(rest[0]))))  # rounded up: 1.5 CPUs -> 2
+            break
+        except (OSError, ValueError, IndexError):
+            continue
     return max(1, cores)
 
 
