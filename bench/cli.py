@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="seconds per scenario, not minutes (indicative only)")
     p.add_argument("--only", type=_names(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--runs", type=int, help="runs per measured point; figures are medians (3; quick 1)")
+    p.add_argument("--runs", type=int, help="runs per measured point; figures are medians (5; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (10; quick 1)")
     p.add_argument("--wrk-threads", type=int, help="wrk threads (2)")
     g = p.add_argument_group("hit path")

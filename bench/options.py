@@ -12,7 +12,7 @@ SCENARIOS = ("hit", "miss", "campaign", "memory")
 class Options:
     only: tuple[str, ...] = SCENARIOS
     quick: bool = False
-    runs: int = 3
+    runs: int = 5
     duration: float = 10.0
     wrk_threads: int = 2
     out_dir: Path = Path("docs")

@@ -341,13 +341,19 @@ def _hit_section(out: list[str], hit: dict[str, Any], plot_name: str | None) -> 
         f"gunicorn.conf.py. Median of {hit['run_count']} runs x {hit['duration']:.0f} s per point, runs "
         f"interleaved across servers; in brackets, the lowest and highest of the runs. Each ratio is the "
         f"median of the runs' ratios: run *i* of every server goes back to back with the others' run *i*, "
-        f"so a drift of the machine between rounds cancels out. Upstream calls "
+        f"so a drift of the machine between rounds cancels out. *CPU µs per answer* is the user and system "
+        f"CPU the server's worker processes used during a run (from /proc), divided by the answers: it moves "
+        f"far less with the machine's noise than req/s, which also depends on how the load generator and the "
+        f"server share the cores (median of the runs). Upstream calls "
         f"during the measured service runs: "
         f"**{hit['upstream_calls_during_load']}** (every answer was a cache hit).{_when(hit)}"
     )
     add("")
-    add("| Server | workers x threads | connections | req/s | p50 ms | p90 ms | p99 ms | errors | service ÷ this |")
-    add("|---|---|---|---|---|---|---|---|---|")
+    add(
+        "| Server | workers x threads | connections | req/s | p50 ms | p90 ms | p99 ms | errors "
+        "| CPU µs per answer | service ÷ this |"
+    )
+    add("|---|---|---|---|---|---|---|---|---|---|")
     for conns in sorted(summary):
         for name, row in summary[conns].items():
             info = targets[name]
@@ -356,9 +362,10 @@ def _hit_section(out: list[str], hit: dict[str, Any], plot_name: str | None) -> 
             if "rps_min" in row and hit.get("run_count", 1) > 1:
                 rps += f" ({row['rps_min']:,.0f}–{row['rps_max']:,.0f})"
                 p99 += f" ({row['p99_min']:.0f}–{row['p99_max']:.0f})"
+            cpu = f"{row['cpu_us']:.0f}" if row.get("cpu_us") is not None else "–"
             add(
                 f"| {info['label']} | {info['workers']} x {info['threads']} | {conns} | {rps} | "
-                f"{row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {p99} | {row['errors']} | {ratio} |"
+                f"{row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {p99} | {row['errors']} | {cpu} | {ratio} |"
             )
     add("")
     lines = []

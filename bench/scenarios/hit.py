@@ -35,6 +35,7 @@ from bench.common import (
     UNLIMITED,
     BenchError,
     Server,
+    cpu_seconds,
     log,
     median,
     rss_bytes,
@@ -236,7 +237,10 @@ def run(opts: Options) -> dict[str, Any]:
             for attempt in range(opts.runs):
                 for name, server in targets.items():
                     calls_before = sim.calls()
+                    pids = server.worker_pids()
+                    cpu_before = cpu_seconds(pids)
                     result = run_wrk(server.url, paths_file, conns, opts.duration, threads=opts.wrk_threads)
+                    cpu_us = (cpu_seconds(pids) - cpu_before) * 1e6 / max(1, result.requests)
                     if name == "service":
                         upstream_during_load += sim.calls() - calls_before
                     elif name == "service_default":
@@ -244,10 +248,11 @@ def run(opts: Options) -> dict[str, Any]:
                     server.check_alive()
                     if result.error_count:
                         log(f"hit: {name} answered errors; one of its paths now gives: {server.probe(paths[0])}")
-                    runs[conns][name].append(asdict(result) | {"rps": result.rps})
+                    runs[conns][name].append(asdict(result) | {"rps": result.rps, "cpu_us": cpu_us})
                     log(
                         f"hit: {name:<9} c={conns:<4} run {attempt + 1}/{opts.runs}: {result.rps:8.0f} req/s "
-                        f"p50 {result.ms('p50'):6.2f} ms p99 {result.ms('p99'):7.2f} ms errors {result.error_count}"
+                        f"p50 {result.ms('p50'):6.2f} ms p99 {result.ms('p99'):7.2f} ms errors {result.error_count} "
+                        f"CPU {cpu_us:5.0f} us/answer"
                     )
         rss_loaded = {pid: rss_bytes(pid) for pid in service.worker_pids()}
     finally:
@@ -270,6 +275,7 @@ def run(opts: Options) -> dict[str, Any]:
                 "non_2xx": sum(r["errors"]["status"] for r in results),
                 "timeouts": sum(r["errors"]["timeout"] for r in results),
                 "requests": sum(r["requests"] for r in results),
+                "cpu_us": median([r["cpu_us"] for r in results]) if all("cpu_us" in r for r in results) else None,
             }
         ratios[conns] = {
             name: paired_ratio(by_target["service"], by_target[name])
