@@ -207,8 +207,13 @@ def start_gunicorn(name: str, env: Mapping[str, str], app_uri: str | None = None
     proc = spawn(name, argv, base, exact_env=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz", proc)
-    workers = workers or int(full_env.get("WEB_CONCURRENCY") or 1)
-    threads = int(full_env.get("GUNICORN_THREADS") or 32)
+    # What gunicorn.conf.py chose, as its master logs it at start (the defaults depend on the cores).
+    chosen = re.search(r"(\d+) workers? x (\d+) threads", proc.logs())
+    if chosen:
+        workers, threads = int(chosen.group(1)), int(chosen.group(2))
+    else:
+        workers = workers or int(full_env.get("WEB_CONCURRENCY") or 1)
+        threads = int(full_env.get("GUNICORN_THREADS") or 32)
     # Every worker must be up before load starts (the first /healthz proves only one).
     deadline = time.monotonic() + 20
     while len(child_pids(proc.pid)) < workers and time.monotonic() < deadline:
