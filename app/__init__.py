@@ -50,15 +50,15 @@ def create_app(
         from app.preview.page import register as register_preview_page
 
         register_preview_page(app)
+    arrival = ArrivalStamp(clock, parse_networks(settings.forwarded_allow_ips))
     wsgi = app.wsgi_app
     if settings.edge_hits:
         # Fresh cache hits are answered before Flask's dispatch; everything else goes on to it.
-        wsgi = CachedHitEdge(wsgi, app)
+        wsgi = CachedHitEdge(wsgi, app, arrival)
     if settings.trusted_proxy_count:
         # X-Forwarded-For counts only from FORWARDED_ALLOW_IPS, and only the entries the
         # trusted proxies appended: a client's own entries sit further left and are ignored.
         wsgi = TrustedForwardedFor(wsgi, parse_networks(settings.forwarded_allow_ips), settings.trusted_proxy_count)
-    arrival = ArrivalStamp(clock, parse_networks(settings.forwarded_allow_ips))
     app.wsgi_app = RawPathMiddleware(wsgi, arrival)  # type: ignore[method-assign]
     if settings.demo_mode:
         log.warning("DEMO MODE: serving simulated Amplitude data from %s", settings.amplitude_api_url)

@@ -14,7 +14,9 @@ answer is byte for byte what Flask would have sent (``tests/test_edge.py`` compa
 
 The shaped answer is kept per (path, query) with the cache entry it came from: while
 that entry is the one in the cache and still fresh, the next hit reuses the body and
-only its ``Age``, ``Cache-Control`` and ``X-Request-ID`` are new.
+only its ``Age``, ``Cache-Control`` and ``X-Request-ID`` are new. Under gunicorn, the
+service's worker (:mod:`app.http.worker`) asks :meth:`CachedHitEdge.kept_answer` for such
+an answer before it even builds the WSGI environ, and sends it itself.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.clock import Deadline
 from app.errors import ApiError, render_error, render_unexpected
-from app.http.arrival import ARRIVAL_KEY
+from app.http.arrival import ARRIVAL_KEY, ArrivalStamp
 from app.http.auth import presented_key
 from app.http.gate import RESPONSE_MARGIN_SECONDS, account, decode_path_values
 from app.http.params import MAX_QUERY_BYTES
@@ -63,9 +65,13 @@ class _Shaped:
 class CachedHitEdge:
     """Answer a fresh, authenticated, well-formed cache hit without Flask; pass the rest on."""
 
-    def __init__(self, app: WSGIApp, flask_app: Flask) -> None:
+    def __init__(self, app: WSGIApp, flask_app: Flask, arrival: ArrivalStamp) -> None:
         self.app = app
         self.extensions = flask_app.extensions["profile_proxy"]
+        self.arrival = arrival
+        settings = self.extensions.settings
+        # The allowlist reads REMOTE_ADDR, which TrustedForwardedFor may replace first.
+        self._forwarded_client = bool(settings.trusted_proxy_count and settings.allowed_cidrs)
         # Routing only (no host matching is configured): the same rules Flask matches.
         self.adapter = flask_app.url_map.bind("localhost")
         self._shaped: LRUCache[tuple[str, str], _Shaped] = LRUCache(
@@ -87,6 +93,38 @@ class CachedHitEdge:
                 self.answered += 1
                 return answer
         return self.app(environ, start_response)
+
+    def kept_answer(self, environ: dict[str, Any]) -> tuple[list[tuple[str, str]], bytes] | None:
+        """The headers and body of a kept answer for a GET whose *environ* holds only what the
+        edge reads (the raw ``PATH_INFO``, ``QUERY_STRING``, ``REMOTE_ADDR``, the credential,
+        ``X-Request-ID`` and the arrival time), counted and logged as sent; else None, with
+        nothing changed. :class:`app.http.worker.JsonErrorThreadWorker` calls it before
+        gunicorn builds the WSGI environ, and sends the answer as gunicorn would have.
+        """
+        if self._forwarded_client:
+            return None  # REMOTE_ADDR would first have to come from X-Forwarded-For
+        admitted = self._admitted(environ)
+        if admitted is None:
+            return None
+        environ[ARRIVAL_KEY] = self.arrival(environ)
+        kept = self._kept(environ, *admitted)
+        if kept is not None:
+            self.answered += 1
+        return kept
+
+    def _admitted(self, environ: dict[str, Any]) -> tuple[str, str] | None:
+        """The caller key's name and the raw query, or None when Flask must answer (and count)."""
+        raw_query = environ.get("QUERY_STRING", "")
+        if len(raw_query) > MAX_QUERY_BYTES:
+            return None
+        caller = self._caller(environ)
+        return None if caller is None else (caller, raw_query)
+
+    def _kept(self, environ: dict[str, Any], caller: str, raw_query: str) -> tuple[list[tuple[str, str]], bytes] | None:
+        """The kept answer for the request's path and query, if there is one and it still holds."""
+        with self._lock:
+            shaped = self._shaped.get((environ["PATH_INFO"], raw_query))
+        return None if shaped is None else self._reuse(shaped, environ, caller, raw_query)
 
     def _caller(self, environ: dict[str, Any]) -> str | None:
         """The caller key's name, or None when Flask must refuse (and count) the request."""
@@ -111,25 +149,21 @@ class CachedHitEdge:
         return trace
 
     def _answer(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes] | None:
-        raw_query = environ.get("QUERY_STRING", "")
-        if len(raw_query) > MAX_QUERY_BYTES:
+        admitted = self._admitted(environ)
+        if admitted is None:
             return None
-        caller = self._caller(environ)
-        if caller is None:
-            return None
-        key = (environ["PATH_INFO"], raw_query)
-        with self._lock:
-            shaped = self._shaped.get(key)
-        if shaped is not None:
-            answer = self._reuse(shaped, environ, start_response, caller, raw_query)
-            if answer is not None:
-                return answer
-        return self._shape(key, environ, start_response, caller, raw_query)
+        kept = self._kept(environ, *admitted)
+        if kept is not None:
+            start_response("200 OK", kept[0])
+            return [kept[1]]
+        caller, raw_query = admitted
+        return self._shape((environ["PATH_INFO"], raw_query), environ, start_response, caller, raw_query)
 
     def _reuse(
-        self, shaped: _Shaped, environ: dict[str, Any], start_response: Any, caller: str, raw_query: str
-    ) -> Iterable[bytes] | None:
-        """The kept answer, if its cache entry is still the one cached and still fresh."""
+        self, shaped: _Shaped, environ: dict[str, Any], caller: str, raw_query: str
+    ) -> tuple[list[tuple[str, str]], bytes] | None:
+        """The kept answer's headers and body, if its cache entry is still the one cached and
+        still fresh (counted and logged as sent); else None, with nothing changed."""
         extensions = self.extensions
         entry = extensions.cache.local_entry(shaped.cache_key)
         if entry is None or entry.fetched_at != shaped.fetched_at:
@@ -142,20 +176,17 @@ class CachedHitEdge:
         trace = self._trace(environ, caller, raw_query)
         trace.identity = shaped.identity
         trace.cache = "hit"
-        start_response(
-            "200 OK",
-            [
-                ("X-Content-Type-Options", "nosniff"),
-                ("X-Cache", "HIT"),
-                ("Age", str(int(max(0.0, now - entry.fetched_at)))),
-                ("Cache-Control", f"private, max-age={int(fresh_for)}"),
-                ("Content-Type", "application/json"),
-                ("Content-Length", shaped.length),
-                ("X-Request-ID", trace.request_id),
-            ],
-        )
+        headers = [
+            ("X-Content-Type-Options", "nosniff"),
+            ("X-Cache", "HIT"),
+            ("Age", str(int(max(0.0, now - entry.fetched_at)))),
+            ("Cache-Control", f"private, max-age={int(fresh_for)}"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", shaped.length),
+            ("X-Request-ID", trace.request_id),
+        ]
         account(trace, 200, "GET", shaped.rule)
-        return [shaped.body]
+        return headers, shaped.body
 
     def _shape(
         self, key: tuple[str, str], environ: dict[str, Any], start_response: Any, caller: str, raw_query: str

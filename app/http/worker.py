@@ -1,20 +1,36 @@
-"""gunicorn's gthread worker, answering the requests gunicorn refuses itself with JSON.
+"""gunicorn's gthread worker: kept answers sent without WSGI, and gunicorn's own refusals in JSON.
 
-gunicorn rejects some requests before the app sees them (a raw CR in the request line,
-a request line or header over 8,190 bytes, too many headers, a bad HTTP version) and
-answers them with an HTML page. This worker keeps gunicorn's judgement (which status,
-what it logs) and replaces only the body: the same ``{"error": ..., "message": ...}``
-object every other error of the service has. ``gunicorn.conf.py`` names it.
+**Kept answers.** Once the service has answered a (path, query) from a cached profile,
+:class:`app.http.edge.CachedHitEdge` keeps the shaped body; a later request for it,
+while that profile is still the one cached and still fresh, is answered with that body
+and new ``Age``, ``Cache-Control`` and ``X-Request-ID``. Even through the WSGI edge, most
+of such an answer's cost is gunicorn's WSGI machinery around the app (the environ, the
+``Response`` object, the header checks, two writes). So this worker asks the edge first,
+from the request gunicorn has parsed, and sends a kept answer itself: the bytes gunicorn
+would have written, in one write. Anything the edge does not keep (a first request for a
+path, a miss, a stale entry, an error, a request with a body or an unusual header, a
+connection about to close) goes through gunicorn and the app unchanged.
+``tests/test_worker_kept.py`` compares the two byte for byte.
+
+**Refusals.** gunicorn rejects some requests before the app sees them (a raw CR in the
+request line, a request line or header over 8,190 bytes, too many headers, a bad HTTP
+version) and answers them with an HTML page. This worker keeps gunicorn's judgement
+(which status, what it logs) and replaces only the body: the same ``{"error": ...,
+"message": ...}`` object every other error of the service has.
+
+``gunicorn.conf.py`` names this worker class.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any
 
 import orjson
 from gunicorn import util
+from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from app.http.arrival import mark_queued
@@ -50,6 +66,87 @@ def refusal_response(status: int, reason: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+#: The request headers a kept answer depends on, as gunicorn's parser names them, and the
+#: WSGI environ keys gunicorn would give them.
+_READS = {
+    "AUTHORIZATION": "HTTP_AUTHORIZATION",
+    "X-API-KEY": "HTTP_X_API_KEY",
+    "X-REQUEST-ID": "HTTP_X_REQUEST_ID",
+    "X-REQUEST-START": "HTTP_X_REQUEST_START",
+}
+#: Headers that make a request gunicorn's and the app's to answer: a body, an expectation,
+#: a path prefix (gunicorn reads ``SCRIPT_NAME`` from a header).
+_DECLINES = frozenset({"CONTENT-LENGTH", "TRANSFER-ENCODING", "EXPECT", "SCRIPT_NAME"})
+#: A raw path the service routes as it is (RawPathMiddleware re-encodes anything else).
+_PLAIN_PATH = re.compile(r"/v1/[\x21-\x7e]*")
+
+
+class KeptAnswers:
+    """The whole HTTP response for a request the edge answers from a kept answer, or None.
+
+    The bytes are what gunicorn writes for that answer through WSGI: status line,
+    ``Server``, ``Date``, ``Connection: keep-alive``, the app's headers in order, the body.
+    """
+
+    def __init__(self, edge: Any) -> None:
+        self._edge = edge
+        self._head = f"HTTP/1.1 200 OK\r\nServer: {wsgi.SERVER}\r\nDate: "
+        self._date: tuple[int, str] = (0, "")
+        self.sent = 0  # answers sent without WSGI (approximate under threads: for tests and curiosity)
+
+    def __call__(self, req: Any, client: Any) -> bytes | None:
+        if req.method != "GET" or req.version != (1, 1) or req.should_close() or req._expected_100_continue:
+            return None
+        path = req.uri.split("?", 1)[0].split("#", 1)[0]
+        if not _PLAIN_PATH.fullmatch(path) or "://" in path:
+            return None
+        if isinstance(client, tuple):
+            address = client[0]
+        else:
+            address = client.decode() if isinstance(client, bytes) else client
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": req.query, "REMOTE_ADDR": address}
+        for name, value in req.headers:
+            key = _READS.get(name)
+            if key is not None:
+                if key in environ:
+                    return None  # repeated: gunicorn joins the values, the app then judges them
+                environ[key] = value
+            elif name in _DECLINES:
+                return None
+        try:
+            kept = self._edge.kept_answer(environ)
+        except Exception:  # the app's path answers (and logs) whatever went wrong
+            return None
+        if kept is None:
+            return None
+        headers, body = kept
+        now = int(time.time())
+        date = self._date
+        if date[0] != now:
+            date = self._date = (now, util.http_date(now))
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
+        self.sent += 1
+        return f"{self._head}{date[1]}\r\nConnection: keep-alive\r\n{lines}\r\n".encode("latin-1") + body
+
+
+def kept_answers_for(app: Any, cfg: Any) -> KeptAnswers | None:
+    """Kept answers for the service *app* under gunicorn's *cfg*, or None where they cannot
+    be sent exactly as the WSGI path would send them: another app (the benchmark's bare
+    Flask), the edge switched off, keep-alive off, a ``SCRIPT_NAME``, gunicorn's own access
+    log or a ``post_request`` hook (both want the WSGI environ and response).
+    """
+    extensions = getattr(app, "extensions", None)
+    edge = getattr(extensions.get("profile_proxy"), "edge", None) if isinstance(extensions, dict) else None
+    if edge is None or not cfg.keepalive or os.environ.get("SCRIPT_NAME"):
+        return None
+    if cfg.accesslog or cfg.logconfig or cfg.logconfig_dict or cfg.logconfig_json or cfg.syslog:
+        return None
+    hook = cfg.settings["post_request"]
+    if hook.value is not hook.default:
+        return None
+    return KeptAnswers(edge)
+
+
 class _Capture:
     """Stands in for the client socket while gunicorn writes its HTML page, keeping the bytes."""
 
@@ -77,6 +174,28 @@ class _Capture:
 class JsonErrorThreadWorker(ThreadWorker):
     """``gthread`` with JSON bodies on the errors gunicorn answers itself, and a stamp of
     when each request was queued for a thread (the service's deadline counts from then)."""
+
+    kept: KeptAnswers | None = None
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.kept = kept_answers_for(self.wsgi, self.cfg)
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        kept = self.kept
+        if (
+            kept is not None
+            and self.alive
+            and self.nr + 1 < self.max_requests
+            and len(self.keepalived_conns) < self.max_keepalived
+        ):
+            answer = kept(req, conn.client)
+            if answer is not None:
+                self.cfg.pre_request(self, req)
+                self.nr += 1
+                util.write(conn.sock, answer)
+                return True
+        return bool(super().handle_request(req, conn))
 
     def enqueue_req(self, conn: Any) -> None:
         conn.queued_at = time.monotonic()
