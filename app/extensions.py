@@ -75,7 +75,8 @@ class ProxyExtensions:
         braze_watch = BrazeFailureWatch(
             metrics, clock, settings.braze_failure_warn_share, settings.braze_failure_warn_min
         )
-        gauges = GaugePublisher(metrics, breaker, budget, braze_watch, redis_tier)
+        shared_file = shared if isinstance(shared, SqliteShared) else None
+        gauges = GaugePublisher(metrics, breaker, budget, braze_watch, redis_tier, shared_file)
         if metrics.multiprocess:
             gauges.start()  # other workers answer some of the scrapes: keep this one's gauges current
         caller_caps = CallerMissCaps(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from app.budget import UpstreamBudget
     from app.core.breaker import CircuitBreaker
     from app.stores.redis import RedisTier
+    from app.stores.sqlite import SqliteShared
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class GaugePublisher:
         budget: UpstreamBudget,
         braze_watch: BrazeFailureWatch,
         redis: RedisTier | None,
+        shared_file: SqliteShared | None = None,
         every: float = REFRESH_SECONDS,
     ) -> None:
         self.metrics = metrics
@@ -46,6 +48,7 @@ class GaugePublisher:
         self.budget = budget
         self.braze_watch = braze_watch
         self.redis = redis
+        self.shared_file = shared_file
         self.every = every
         # One writer at a time, so an older reading never overwrites a newer one.
         self._lock = threading.Lock()
@@ -53,10 +56,14 @@ class GaugePublisher:
         self._refresher: threading.Thread | None = None
 
     def publish(self) -> None:
-        """Set the gauges that describe this process: circuit, budget, Braze's trailing minute."""
+        """Set the gauges that describe this process: circuit, budget, Braze's trailing minute, and
+        whether its last write to the shared state file (at least its heartbeat's, every 1.7 s) went
+        through."""
         metrics = self.metrics
         budget = self.budget
+        shared_file = self.shared_file
         with self._lock:
+            metrics.shared_file_up.set(-1 if shared_file is None else int(shared_file.writes_ok))
             answers, failures = self.braze_watch.last_minute()
             metrics.circuit.set(CIRCUIT_STATES[self.breaker.state])
             metrics.budget_tokens.set(budget.tokens_left())

@@ -299,6 +299,10 @@ class Metrics:
         # Redis is one place: the worker answering the scrape pings it, and the newest answer wins.
         self.redis_up = Gauge("proxy_redis_available", "1 when Redis answers, 0 when not, -1 when not configured.",
                               multiprocess_mode="livemostrecent", registry=reg)  # fmt: skip
+        # The SQLite file is one per machine, but each worker has its own connections to it.
+        self.shared_file_up = Gauge("proxy_shared_file_available", "1 when every live worker's last write to the "
+                                    "machine's shared state file (SHARED_STATE_PATH) went through, 0 when one failed, "
+                                    "-1 when not in use.", multiprocess_mode="livemin", registry=reg)  # fmt: skip
         self.braze_answers = Gauge("proxy_braze_answers_last_minute", "Answers in the trailing minute.",
                                    multiprocess_mode="livesum", registry=reg)  # fmt: skip
         self.braze_failures = Gauge("proxy_braze_failures_last_minute", "Answers in the trailing minute that Braze "

@@ -131,6 +131,8 @@ def test_alerts_cover_the_readme_advice():
     assert "proxy_budget_turned_away_total" in rules["BudgetTurningAwayRequests"]["expr"]
     assert "proxy_circuit_state" in rules["CircuitOpen"]["expr"]
     assert "proxy_redis_available" in rules["RedisDown"]["expr"] and "== 0" in rules["RedisDown"]["expr"]
+    shared_file = rules["SharedStateFileDown"]["expr"]
+    assert "proxy_shared_file_available" in shared_file and "== 0" in shared_file
     assert "proxy_budget_tokens" in rules["BudgetSaturated"]["expr"] and rules["BudgetSaturated"]["for"] == "5m"
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"warning", "critical"}

@@ -15,6 +15,8 @@ import pytest
 import redis
 import requests
 
+from testkit import wait_until
+
 
 def test_two_instances_share_one_cache(make_service, sim, shared_env):
     first = make_service(**shared_env)
@@ -156,6 +158,57 @@ def test_a_locked_state_file_is_skipped_like_an_unreachable_redis(make_service, 
     # The call made while the file was locked was written into the shared log afterwards.
     in_window = "SELECT count(*) FROM grants WHERE stamp > ?"
     assert sqlite3.connect(path).execute(in_window, (clock.time() - 60.6,)).fetchone()[0] == 2
+
+
+def test_readiness_and_metrics_show_a_state_file_that_refuses_writes(make_service, sim, sqlite_env, clock):
+    """Another process holds the file's write lock: reads still go through (WAL), writes do
+    not. /readyz says so (still 200: the service serves on), the gauge drops to 0, and both
+    come back once a write goes through again."""
+
+    def shared_file_gauge() -> str:
+        lines = service.get("/metrics").text.splitlines()
+        return next(line.split()[-1] for line in lines if line.startswith("proxy_shared_file_available "))
+
+    service = make_service(clock=clock, **sqlite_env)
+    ready = service.get("/readyz", key=None)
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ok",
+        "checks": {"settings": "ok", "circuit": "closed", "redis": "not_configured", "shared_state": "ok"},
+    }
+    assert shared_file_gauge() == "1.0"
+    other = make_service(clock=clock, **sqlite_env)
+    assert other.get("/v1/users/user-w0/cohorts").status_code == 200  # in the file, not in this one's cache
+    holder = sqlite3.connect(sqlite_env["SHARED_STATE_PATH"], isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert service.get("/v1/users/user-w1/cohorts").status_code == 503  # its claim is a write
+
+        def read_from_the_file() -> bool:
+            # Past the pause after a failure (the real-time heartbeat's too): the file is tried again.
+            clock.advance(1.1)
+            read = service.get("/v1/users/user-w0/cohorts")
+            return read.status_code == 200 and read.headers["X-Cache"] == "HIT"
+
+        wait_until(read_from_the_file, 10, message="a read from the locked file")  # reads go through...
+        ready = service.get("/readyz", key=None)  # ...but the file still refuses writes
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded" and ready.json()["checks"]["shared_state"] == "unavailable"
+        assert shared_file_gauge() == "0.0"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    clock.advance(1.1)  # the pause after a failure, on the service's clock
+    assert service.get("/v1/users/user-w2/cohorts").status_code == 200
+    assert service.get("/readyz", key=None).json()["checks"]["shared_state"] == "ok"
+    assert shared_file_gauge() == "1.0"
+    assert sim.calls == 2
+
+
+def test_without_a_state_file_the_gauge_says_not_in_use(service):
+    lines = service.get("/metrics").text.splitlines()
+    assert "proxy_shared_file_available -1.0" in lines
+    assert "shared_state" not in service.get("/readyz", key=None).json()["checks"]
 
 
 def test_a_kept_state_file_remembers_the_budget_across_a_restart(make_service, sim, tmp_path, clock):

@@ -11,6 +11,7 @@ from app.errors import json_response
 from app.http import schemas
 from app.http.routes import route
 from app.observability import ACCESS_LOG, RequestTrace
+from app.stores.sqlite import SqliteShared
 
 ops = Blueprint("health", __name__)
 
@@ -25,7 +26,7 @@ def healthz(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
 
 @route(ops, "/readyz", summary="Readiness", response=schemas.ReadyResponse, auth=None)
 def readyz(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
-    """Settings, Redis, circuit; no Amplitude call."""
+    """Settings, Redis or the shared state file, circuit; no Amplitude call."""
     extensions = trace.extensions
     checks: dict[str, Any] = {"settings": "ok", "circuit": extensions.breaker.state}
     status = "ok"
@@ -37,6 +38,12 @@ def readyz(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
         # Still serving from the local cache and budget share: degraded, not down.
         checks["redis"] = "unavailable"
         status = "degraded"
+    shared = extensions.shared
+    if isinstance(shared, SqliteShared):
+        # This process's last write to it (at least the heartbeat's, every 1.7 s) tells.
+        checks["shared_state"] = "ok" if shared.writes_ok else "unavailable"
+        if not shared.writes_ok:
+            status = "degraded"
     if checks["circuit"] != "closed":
         status = "degraded"
     return json_response({"status": status, "checks": checks}, headers=_NO_STORE)

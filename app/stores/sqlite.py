@@ -89,6 +89,11 @@ class SqliteShared:
         self._healthy = True
         self._closed = False
         self.last_error: str | None = None
+        #: Whether this process's last write went through. Readers are not blocked by a
+        #: writer in WAL mode, so a file whose write lock is stuck still reads: health as
+        #: operators see it (/readyz, proxy_shared_file_available) follows the writes, which
+        #: the budget heartbeat makes every 1.7 s.
+        self.writes_ok = True
 
     # -- health ------------------------------------------------------------------------
 
@@ -174,9 +179,11 @@ class SqliteShared:
                     if db.in_transaction:
                         db.execute("ROLLBACK")
         except sqlite3.Error as exc:
+            self.writes_ok = False
             raise self._failed(exc) from None
         finally:
             self._writing.release()
+        self.writes_ok = True
         self._succeeded()
         return result
 
