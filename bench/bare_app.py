@@ -2,8 +2,8 @@
 
 Served by the service's own ``gunicorn.conf.py`` (``gunicorn -c gunicorn.conf.py
 bench.bare_app:app``), so worker class, threads, keep-alive and limits are the same and
-only the WSGI app differs. (The worker sends the service's kept answers itself, before
-WSGI; this app has no edge to keep any, so every request here goes through WSGI.) It
+only the WSGI app differs. (The worker sends the service's data answers itself, without
+WSGI; this app has no edge to give it any, so every request here goes through WSGI.) It
 answers the service's routes with no authentication, no validation, no cache and no
 logging: one constant body per route kind, byte for byte the size of what the service
 answered for that route (the harness samples the service's answers and passes them in

@@ -1,16 +1,24 @@
-"""gunicorn's gthread worker: kept answers sent without WSGI, and gunicorn's own refusals in JSON.
+"""gunicorn's gthread worker: the edge's answers sent without WSGI, gunicorn's own refusals in JSON.
 
-**Kept answers.** Once the service has answered a (path, query) from a cached profile,
-:class:`app.http.edge.CachedHitEdge` keeps the shaped body; a later request for it,
-while that profile is still the one cached and still fresh, is answered with that body
-and new ``Age``, ``Cache-Control`` and ``X-Request-ID``. Even through the WSGI edge, most
-of such an answer's cost is gunicorn's WSGI machinery around the app (the environ, the
-``Response`` object, the header checks, two writes). So this worker asks the edge first,
-from the request gunicorn has parsed, and sends a kept answer itself: the bytes gunicorn
-would have written, in one write. Anything the edge does not keep (a first request for a
-path, a miss, a stale entry, an error, a request with a body or an unusual header, a
-connection about to close) goes through gunicorn and the app unchanged.
-``tests/test_worker_kept.py`` compares the two byte for byte.
+**Data answers without WSGI.** :class:`app.http.edge.CachedHitEdge` answers an
+authenticated, well-formed data request without Flask; even so, a good part of such an
+answer's cost was gunicorn's WSGI machinery around the app (the environ, the middleware,
+the ``Response`` object, its header checks, the date, two writes). So this worker asks the
+edge first, from the request gunicorn has parsed, with only what the edge reads:
+
+- a *kept* answer (the shaped body kept from an earlier answer for the same path and
+  query, while its profile is still the one cached and fresh) is written whole, in one
+  write, with its new ``Age``, ``Cache-Control`` and ``X-Request-ID``;
+- any other answer of the edge (a first answer from a cached profile, a miss with its
+  upstream call, a stale entry, a fallback, a typed error) is written in one write too
+  when it is a plain answer of known length, else through gunicorn's own ``Response``.
+
+Either way the bytes are those gunicorn writes through WSGI: status line, ``Server``,
+``Date``, ``Connection: keep-alive``, the app's headers in order, the body. Everything the
+edge leaves to Flask (a bad credential or parameter, another route or method), and any
+request with a body, an ``Expect``, a repeated credential or request id, or a connection
+about to close, goes through gunicorn's WSGI path unchanged. ``tests/test_worker_answers.py``
+compares the two byte for byte.
 
 **Refusals.** gunicorn rejects some requests before the app sees them (a raw CR in the
 request line, a request line or header over 8,190 bytes, too many headers, a bad HTTP
@@ -31,9 +39,10 @@ from typing import Any
 import orjson
 from gunicorn import util
 from gunicorn.http import wsgi
+from gunicorn.http.message import TOKEN_RE
 from gunicorn.workers.gthread import ThreadWorker
 
-from app.http.arrival import mark_queued
+from app.http.arrival import ARRIVAL_KEY, mark_queued
 
 #: Status gunicorn chose → the error code and message the caller gets. The messages are
 #: fixed: gunicorn's own text can quote the refused request, credentials included.
@@ -77,24 +86,34 @@ _READS = {
 #: Headers that make a request gunicorn's and the app's to answer: a body, an expectation,
 #: a path prefix (gunicorn reads ``SCRIPT_NAME`` from a header).
 _DECLINES = frozenset({"CONTENT-LENGTH", "TRANSFER-ENCODING", "EXPECT", "SCRIPT_NAME"})
+#: An answer of the edge: status, headers, body.
+Answer = tuple[str, list[tuple[str, str]], list[bytes]]
+#: gunicorn's check of a WSGI status line.
+_STATUS = wsgi.STATUS_RE
 #: A raw path the service routes as it is (RawPathMiddleware re-encodes anything else).
 _PLAIN_PATH = re.compile(r"/v1/[\x21-\x7e]*")
 
 
-class KeptAnswers:
-    """The whole HTTP response for a request the edge answers from a kept answer, or None.
+class EdgeAnswers:
+    """The service's edge, asked by the worker from the request gunicorn has parsed.
 
-    The bytes are what gunicorn writes for that answer through WSGI: status line,
-    ``Server``, ``Date``, ``Connection: keep-alive``, the app's headers in order, the body.
+    :meth:`environ` holds what the edge reads (or None for a request gunicorn and the app
+    must see whole); :meth:`kept` is the whole HTTP response for a kept answer, the bytes
+    gunicorn writes for it through WSGI (status line, ``Server``, ``Date``,
+    ``Connection: keep-alive``, the app's headers in order, the body); :meth:`send` writes
+    any other answer of the edge through gunicorn's own ``Response``.
     """
 
     def __init__(self, edge: Any) -> None:
         self._edge = edge
         self._head = f"HTTP/1.1 200 OK\r\nServer: {wsgi.SERVER}\r\nDate: "
         self._date: tuple[int, str] = (0, "")
-        self.sent = 0  # answers sent without WSGI (approximate under threads: for tests and curiosity)
+        # Answers sent without WSGI, kept or not (approximate under threads: for tests and curiosity).
+        self.kept_sent = 0
+        self.answers_sent = 0
 
-    def __call__(self, req: Any, client: Any) -> bytes | None:
+    def environ(self, req: Any, client: Any) -> dict[str, Any] | None:
+        """The edge's view of *req*, or None when it is not a plain GET of a data route."""
         if req.method != "GET" or req.version != (1, 1) or req.should_close() or req._expected_100_continue:
             return None
         path = req.uri.split("?", 1)[0].split("#", 1)[0]
@@ -113,6 +132,10 @@ class KeptAnswers:
                 environ[key] = value
             elif name in _DECLINES:
                 return None
+        environ[ARRIVAL_KEY] = self._edge.arrival(environ)
+        return environ
+
+    def kept(self, environ: dict[str, Any]) -> bytes | None:
         try:
             kept = self._edge.kept_answer(environ)
         except Exception:  # the app's path answers (and logs) whatever went wrong
@@ -120,17 +143,71 @@ class KeptAnswers:
         if kept is None:
             return None
         headers, body = kept
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
+        self.kept_sent += 1
+        return f"{self._head}{self._http_date()}\r\nConnection: keep-alive\r\n{lines}\r\n".encode("latin-1") + body
+
+    def answer(self, environ: dict[str, Any]) -> Answer | None:
+        """Any other answer of the edge (counted and logged as sent), its body read whole."""
+        answer = self._edge.answer(environ)
+        if answer is None:
+            return None
+        status, headers, body = answer
+        try:
+            chunks = list(body)
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        self.answers_sent += 1
+        return status, headers, chunks
+
+    def whole(self, answer: Answer) -> bytes | None:
+        """*answer* as the bytes gunicorn writes for it, or None for anything but a plain answer
+        of known length (gunicorn's own ``Response`` then writes it: :meth:`send`)."""
+        status, headers, chunks = answer
+        if not _STATUS.fullmatch(status) or status[:3] in ("204", "304"):
+            return None
+        length = None
+        lines = []
+        for name, value in headers:
+            if not TOKEN_RE.fullmatch(name) or not wsgi.HEADER_VALUE_RE.fullmatch(value) or util.is_hoppish(name):
+                return None
+            value = value.strip(" \t")
+            if name.lower() == "content-length":
+                if length is not None or not value.isdigit():
+                    return None
+                length = int(value)
+            lines.append(f"{name}: {value}\r\n")
+        body = b"".join(chunks)
+        if length is None or len(body) != length:
+            return None
+        head = f"HTTP/1.1 {status}\r\nServer: {wsgi.SERVER}\r\nDate: {self._http_date()}\r\nConnection: keep-alive\r\n"
+        return f"{head}{''.join(lines)}\r\n".encode("latin-1") + body
+
+    @staticmethod
+    def send(answer: Answer, req: Any, sock: Any, cfg: Any) -> bool:
+        """Write *answer* through gunicorn's ``Response``, as its WSGI path would; whether the
+        connection stays open."""
+        status, headers, chunks = answer
+        resp = wsgi.Response(req, sock, cfg)
+        resp.start_response(status, headers)
+        for chunk in chunks:
+            resp.write(chunk)
+        resp.close()
+        return not resp.should_close()
+
+    def _http_date(self) -> str:
+        """gunicorn's ``Date`` value, formatted once a second."""
         now = int(time.time())
         date = self._date
         if date[0] != now:
             date = self._date = (now, util.http_date(now))
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
-        self.sent += 1
-        return f"{self._head}{date[1]}\r\nConnection: keep-alive\r\n{lines}\r\n".encode("latin-1") + body
+        return date[1]
 
 
-def kept_answers_for(app: Any, cfg: Any) -> KeptAnswers | None:
-    """Kept answers for the service *app* under gunicorn's *cfg*, or None where they cannot
+def edge_answers_for(app: Any, cfg: Any) -> EdgeAnswers | None:
+    """The edge of the service *app* under gunicorn's *cfg*, or None where its answers cannot
     be sent exactly as the WSGI path would send them: another app (the benchmark's bare
     Flask), the edge switched off, keep-alive off, a ``SCRIPT_NAME``, gunicorn's own access
     log or a ``post_request`` hook (both want the WSGI environ and response).
@@ -144,7 +221,7 @@ def kept_answers_for(app: Any, cfg: Any) -> KeptAnswers | None:
     hook = cfg.settings["post_request"]
     if hook.value is not hook.default:
         return None
-    return KeptAnswers(edge)
+    return EdgeAnswers(edge)
 
 
 class _Capture:
@@ -175,26 +252,37 @@ class JsonErrorThreadWorker(ThreadWorker):
     """``gthread`` with JSON bodies on the errors gunicorn answers itself, and a stamp of
     when each request was queued for a thread (the service's deadline counts from then)."""
 
-    kept: KeptAnswers | None = None
+    edge: EdgeAnswers | None = None
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        self.kept = kept_answers_for(self.wsgi, self.cfg)
+        self.edge = edge_answers_for(self.wsgi, self.cfg)
 
     def handle_request(self, req: Any, conn: Any) -> bool:
-        kept = self.kept
+        edge = self.edge
         if (
-            kept is not None
+            edge is not None
             and self.alive
             and self.nr + 1 < self.max_requests
             and len(self.keepalived_conns) < self.max_keepalived
         ):
-            answer = kept(req, conn.client)
-            if answer is not None:
-                self.cfg.pre_request(self, req)
-                self.nr += 1
-                util.write(conn.sock, answer)
-                return True
+            environ = edge.environ(req, conn.client)
+            if environ is not None:
+                kept = edge.kept(environ)
+                if kept is not None:
+                    self.cfg.pre_request(self, req)
+                    self.nr += 1
+                    util.write(conn.sock, kept)
+                    return True
+                answer = edge.answer(environ)
+                if answer is not None:
+                    self.cfg.pre_request(self, req)
+                    self.nr += 1
+                    whole = edge.whole(answer)
+                    if whole is None:
+                        return edge.send(answer, req, conn.sock, self.cfg)
+                    util.write(conn.sock, whole)
+                    return True
         return bool(super().handle_request(req, conn))
 
     def enqueue_req(self, conn: Any) -> None:

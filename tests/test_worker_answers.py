@@ -1,10 +1,11 @@
-"""Kept answers sent by the gunicorn worker itself are byte for byte what gunicorn writes through WSGI.
+"""Answers the gunicorn worker sends itself are byte for byte what gunicorn writes through WSGI.
 
-:class:`app.http.worker.JsonErrorThreadWorker` answers a request the edge has a kept
-answer for before gunicorn builds the WSGI environ. Here two of those workers run in this
-process, each on its own service (two fake clocks from the same start, one simulator):
-one sends kept answers itself, the other has them switched off, so every request goes
-through gunicorn's WSGI path. Each gets the same requests over real loopback connections,
+:class:`app.http.worker.JsonErrorThreadWorker` asks the edge before gunicorn builds the
+WSGI environ: for a kept answer, then for any other answer of the edge (a first answer, a
+miss, a fallback, a typed error). Here two of those workers run in this process, each on
+its own service (two fake clocks from the same start, one simulator): one sends the
+edge's answers itself, the other has that switched off, so every request goes through
+gunicorn's WSGI path. Each gets the same requests over real loopback connections,
 through gunicorn's own parser and connection handling: the whole table of
 ``tests/test_edge.py`` (every route, credential styles, odd ids, bad input, misses, hits,
 kept hits, HEAD, then Amplitude failing several ways). Every byte of every answer but the
@@ -25,7 +26,7 @@ from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import TConn
 
 from app import create_app
-from app.http.worker import JsonErrorThreadWorker, kept_answers_for
+from app.http.worker import JsonErrorThreadWorker, edge_answers_for
 from testkit.clock import FakeClock
 from tests.conftest import BRAZE_KEY, CURL_KEY, base_env
 from tests.test_edge import CREDENTIALS, FAULT_PATHS, FAULTS, PATHS, access_lines
@@ -54,13 +55,14 @@ class InProcessWorker:
         self.worker = JsonErrorThreadWorker(1, os.getpid(), [], _Loaded(app), 30, cfg, Logger(cfg))
         self.worker.load_wsgi()
         if not kept:
-            self.worker.kept = None
+            self.worker.edge = None
         self.listener = socket.create_server(("127.0.0.1", 0))
 
     @property
     def sent(self) -> int:
-        """Answers the worker sent itself, without WSGI."""
-        return self.worker.kept.sent if self.worker.kept is not None else 0
+        """Answers the worker sent itself, without WSGI: kept ones and the edge's others."""
+        edge = self.worker.edge
+        return 0 if edge is None else edge.kept_sent + edge.answers_sent
 
     def serve(self, request: bytes) -> bytes:
         """Send *request* on a new connection; the worker handles it; the raw response comes back."""
@@ -149,8 +151,11 @@ def test_every_answer_is_the_same_whether_the_worker_or_wsgi_sends_it(workers, s
         assert without_date(mine) == without_date(theirs), (path, attempt)
     assert lines["worker"] == lines["wsgi"]
     kept_hits = [a for _, attempt, a in answers["worker"] if attempt == "kept" and a.startswith(b"HTTP/1.1 200 ")]
+    data = [a for _, _, a in answers["worker"] if b"\r\nX-Cache: " in a]
+    edge = workers["worker"][1].worker.edge
     assert len(kept_hits) > 50  # the table really reached kept answers...
-    assert workers["worker"][1].sent >= len(kept_hits) // 2  # ...and the worker sent them itself
+    assert edge.kept_sent >= len(kept_hits)  # ...and the worker sent them whole, in one write
+    assert edge.kept_sent + edge.answers_sent >= len(data)  # every data answer (misses too) skipped WSGI
     assert workers["wsgi"][1].sent == 0
 
     def request_metrics(app: Any) -> list[str]:
@@ -216,7 +221,7 @@ def test_an_allowlist_behind_trusted_proxies_is_judged_by_the_app(sim):
         app.extensions["profile_proxy"].close()
 
 
-def test_only_the_service_gets_kept_answers(sim):
+def test_only_the_service_is_answered_without_wsgi(sim):
     """The benchmark's bare Flask app, the service with the edge off, and gunicorn's own
     access log or a post_request hook (both want the WSGI response) all go through WSGI."""
     from bench.bare_app import app as bare
@@ -225,18 +230,18 @@ def test_only_the_service_gets_kept_answers(sim):
     service = create_app(environ=base_env(sim), clock=FakeClock())
     no_edge = create_app(environ=base_env(sim, EDGE_HITS="false"), clock=FakeClock())
     try:
-        assert kept_answers_for(service, cfg) is not None
-        assert kept_answers_for(bare, cfg) is None
-        assert kept_answers_for(no_edge, cfg) is None
+        assert edge_answers_for(service, cfg) is not None
+        assert edge_answers_for(bare, cfg) is None
+        assert edge_answers_for(no_edge, cfg) is None
         with_log = Config()
         with_log.set("accesslog", "-")
-        assert kept_answers_for(service, with_log) is None
+        assert edge_answers_for(service, with_log) is None
         with_hook = Config()
         with_hook.set("post_request", lambda worker, req, environ, resp: None)
-        assert kept_answers_for(service, with_hook) is None
+        assert edge_answers_for(service, with_hook) is None
         no_keepalive = Config()
         no_keepalive.set("keepalive", 0)
-        assert kept_answers_for(service, no_keepalive) is None
+        assert edge_answers_for(service, no_keepalive) is None
     finally:
         service.extensions["profile_proxy"].close()
         no_edge.extensions["profile_proxy"].close()
