@@ -15,9 +15,8 @@ answer is byte for byte what Flask would have sent (``tests/test_edge.py`` compa
 The shaped answer is kept per (path, query) with the cache entry it came from: while
 that entry is the one in the cache and still fresh, the next hit reuses the body and
 only its ``Age``, ``Cache-Control`` and ``X-Request-ID`` are new. Under gunicorn, the
-service's worker (:mod:`app.http.worker`) asks :meth:`CachedHitEdge.kept_answer`, then
-:meth:`CachedHitEdge.answer`, before it even builds the WSGI environ, and sends what they
-answer itself.
+service's worker (:mod:`app.http.worker`) asks :meth:`CachedHitEdge.answer` before it
+even builds the WSGI environ, and sends what it answers itself.
 """
 
 from __future__ import annotations
@@ -95,44 +94,41 @@ class CachedHitEdge:
                 return answer
         return self.app(environ, start_response)
 
-    def kept_answer(self, environ: dict[str, Any]) -> tuple[list[tuple[str, str]], bytes] | None:
-        """The headers and body of a kept answer for a GET whose *environ* holds only what the
-        edge reads (the raw ``PATH_INFO``, ``QUERY_STRING``, ``REMOTE_ADDR``, the credential,
-        ``X-Request-ID``, ``X-Request-Start`` and the arrival time), counted and logged as
-        sent; else None, with nothing changed. :class:`app.http.worker.JsonErrorThreadWorker`
-        calls it (then :meth:`answer`) before gunicorn builds the WSGI environ, and sends the
-        answer as gunicorn would have.
+    def answer(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], Iterable[bytes], bool] | None:
+        """What the edge answers for a GET whose *environ* holds only what the edge reads (the
+        raw ``PATH_INFO``, ``QUERY_STRING``, ``REMOTE_ADDR``, the credential, ``X-Request-ID``,
+        ``X-Request-Start`` and the arrival time): status, headers, body, and whether it is a
+        kept answer (its headers the fixed ones of :meth:`_reuse`), counted and logged as sent;
+        else None, with nothing changed, and the request is Flask's.
+        :class:`app.http.worker.JsonErrorThreadWorker` calls it before gunicorn builds the WSGI
+        environ, and sends the answer as gunicorn would have.
         """
         if self._forwarded_client:
             return None  # REMOTE_ADDR would first have to come from X-Forwarded-For
-        admitted = self._admitted(environ)
-        if admitted is None:
-            return None
-        kept = self._kept(environ, *admitted)
-        if kept is not None:
-            self.answered += 1
-        return kept
-
-    def answer(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], Iterable[bytes]] | None:
-        """What the edge answers for a GET whose *environ* holds only what the edge reads (see
-        :meth:`kept_answer`, the arrival time included): status, headers and body, counted and
-        logged as sent; else None, with nothing changed, and the request is Flask's."""
-        if self._forwarded_client:
-            return None
-        started: list[tuple[str, list[tuple[str, str]]]] = []
-
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-            started.append((status, headers))
-
         try:
-            body = self._answer(environ, start_response)
+            admitted = self._admitted(environ)
+            if admitted is None:
+                return None
+            kept = self._kept(environ, *admitted)
+            if kept is not None:
+                self.answered += 1
+                return "200 OK", kept[0], [kept[1]], True
+            started: list[tuple[str, list[tuple[str, str]]]] = []
+            caller, raw_query = admitted
+            body = self._shape(
+                (environ["PATH_INFO"], raw_query),
+                environ,
+                lambda status, headers, exc_info=None: started.append((status, headers)),
+                caller,
+                raw_query,
+            )
         except Exception:  # not a plain answer (NotCached, HTTPException, anything): Flask's
             return None
         if body is None or not started:
             return None
         self.answered += 1
         status, headers = started[0]
-        return status, headers, body
+        return status, headers, body, False
 
     def _admitted(self, environ: dict[str, Any]) -> tuple[str, str] | None:
         """The caller key's name and the raw query, or None when Flask must answer (and count)."""

@@ -86,8 +86,8 @@ _READS = {
 #: Headers that make a request gunicorn's and the app's to answer: a body, an expectation,
 #: a path prefix (gunicorn reads ``SCRIPT_NAME`` from a header).
 _DECLINES = frozenset({"CONTENT-LENGTH", "TRANSFER-ENCODING", "EXPECT", "SCRIPT_NAME"})
-#: An answer of the edge: status, headers, body.
-Answer = tuple[str, list[tuple[str, str]], list[bytes]]
+#: An answer of the edge: status, headers, body, whether it is a kept answer.
+Answer = tuple[str, list[tuple[str, str]], list[bytes], bool]
 #: gunicorn's check of a WSGI status line.
 _STATUS = wsgi.STATUS_RE
 #: A raw path the service routes as it is (RawPathMiddleware re-encodes anything else).
@@ -98,15 +98,14 @@ class EdgeAnswers:
     """The service's edge, asked by the worker from the request gunicorn has parsed.
 
     :meth:`environ` holds what the edge reads (or None for a request gunicorn and the app
-    must see whole); :meth:`kept` is the whole HTTP response for a kept answer, the bytes
-    gunicorn writes for it through WSGI (status line, ``Server``, ``Date``,
-    ``Connection: keep-alive``, the app's headers in order, the body); :meth:`send` writes
-    any other answer of the edge through gunicorn's own ``Response``.
+    must see whole); :meth:`answer` is the edge's answer; :meth:`whole` the bytes gunicorn
+    writes for it through WSGI (status line, ``Server``, ``Date``, ``Connection:
+    keep-alive``, the app's headers in order, the body); :meth:`send` writes any other
+    answer through gunicorn's own ``Response``.
     """
 
     def __init__(self, edge: Any) -> None:
         self._edge = edge
-        self._head = f"HTTP/1.1 200 OK\r\nServer: {wsgi.SERVER}\r\nDate: "
         self._date: tuple[int, str] = (0, "")
         # Answers sent without WSGI, kept or not (approximate under threads: for tests and curiosity).
         self.kept_sent = 0
@@ -135,37 +134,43 @@ class EdgeAnswers:
         environ[ARRIVAL_KEY] = self._edge.arrival(environ)
         return environ
 
-    def kept(self, environ: dict[str, Any]) -> bytes | None:
-        try:
-            kept = self._edge.kept_answer(environ)
-        except Exception:  # the app's path answers (and logs) whatever went wrong
-            return None
-        if kept is None:
-            return None
-        headers, body = kept
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
-        self.kept_sent += 1
-        return f"{self._head}{self._http_date()}\r\nConnection: keep-alive\r\n{lines}\r\n".encode("latin-1") + body
-
     def answer(self, environ: dict[str, Any]) -> Answer | None:
-        """Any other answer of the edge (counted and logged as sent), its body read whole."""
+        """The edge's answer (counted and logged as sent), its body read whole."""
         answer = self._edge.answer(environ)
         if answer is None:
             return None
-        status, headers, body = answer
+        status, headers, body, kept = answer
         try:
             chunks = list(body)
         finally:
             close = getattr(body, "close", None)
             if close is not None:
                 close()
-        self.answers_sent += 1
-        return status, headers, chunks
+        if kept:
+            self.kept_sent += 1
+        else:
+            self.answers_sent += 1
+        return status, headers, chunks, kept
 
     def whole(self, answer: Answer) -> bytes | None:
         """*answer* as the bytes gunicorn writes for it, or None for anything but a plain answer
         of known length (gunicorn's own ``Response`` then writes it: :meth:`send`)."""
-        status, headers, chunks = answer
+        status, headers, chunks, kept = answer
+        if kept:  # the edge's fixed headers, Content-Length included: nothing to check
+            lines = [f"{name}: {value}\r\n" for name, value in headers]
+            body = chunks[0]
+        else:
+            checked = self._checked(status, headers, chunks)
+            if checked is None:
+                return None
+            lines, body = checked
+        head = f"HTTP/1.1 {status}\r\nServer: {wsgi.SERVER}\r\nDate: {self._http_date()}\r\nConnection: keep-alive\r\n"
+        return f"{head}{''.join(lines)}\r\n".encode("latin-1") + body
+
+    @staticmethod
+    def _checked(status: str, headers: list[tuple[str, str]], chunks: list[bytes]) -> tuple[list[str], bytes] | None:
+        """Header lines and body as gunicorn would send them, if they pass its checks and the
+        body has a known length (it is then not chunked, and the connection stays open)."""
         if not _STATUS.fullmatch(status) or status[:3] in ("204", "304"):
             return None
         length = None
@@ -182,14 +187,13 @@ class EdgeAnswers:
         body = b"".join(chunks)
         if length is None or len(body) != length:
             return None
-        head = f"HTTP/1.1 {status}\r\nServer: {wsgi.SERVER}\r\nDate: {self._http_date()}\r\nConnection: keep-alive\r\n"
-        return f"{head}{''.join(lines)}\r\n".encode("latin-1") + body
+        return lines, body
 
     @staticmethod
     def send(answer: Answer, req: Any, sock: Any, cfg: Any) -> bool:
         """Write *answer* through gunicorn's ``Response``, as its WSGI path would; whether the
         connection stays open."""
-        status, headers, chunks = answer
+        status, headers, chunks, _ = answer
         resp = wsgi.Response(req, sock, cfg)
         resp.start_response(status, headers)
         for chunk in chunks:
@@ -268,12 +272,6 @@ class JsonErrorThreadWorker(ThreadWorker):
         ):
             environ = edge.environ(req, conn.client)
             if environ is not None:
-                kept = edge.kept(environ)
-                if kept is not None:
-                    self.cfg.pre_request(self, req)
-                    self.nr += 1
-                    util.write(conn.sock, kept)
-                    return True
                 answer = edge.answer(environ)
                 if answer is not None:
                     self.cfg.pre_request(self, req)
