@@ -2,16 +2,19 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock requirements-dev.lock | cksum | cut -d' ' -f1)
 
 .PHONY: install run run-prod test test-fast test-unit lint audit lock bench system-deps clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the pinned versions (runtime, then tools pinned against them), then the project
+# itself without dependencies: the suite runs what the image ships.
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,dev]'
+	$(PY) -m pip install --quiet -r requirements.lock -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -66,14 +69,17 @@ audit: install
 	$(VENV)/bin/hadolint Dockerfile deploy/nginx/Dockerfile
 	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
 
-# Re-pin the runtime dependencies after changing pyproject.toml.
+# Re-pin the dependencies after changing pyproject.toml: the runtime lock (what the image
+# installs), then the tools' lock resolved against it.
 lock: install
 	$(PY) -m pip install . --dry-run --ignore-installed --quiet --report /tmp/proxy-lock.json
 	$(PY) scripts/write_lock.py /tmp/proxy-lock.json > requirements.lock
+	$(PY) -m pip install '.[test,dev,bench]' -c requirements.lock --dry-run --ignore-installed --quiet \
+	  --report /tmp/proxy-dev-lock.json
+	$(PY) scripts/write_lock.py /tmp/proxy-dev-lock.json --except requirements.lock > requirements-dev.lock
 
 bench: install system-deps
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

@@ -1,12 +1,14 @@
 """Gunicorn settings: ``gunicorn -c gunicorn.conf.py`` from the repository root.
 
-Worker model: ``gthread``. A request that misses the cache blocks on Amplitude (up to
-the 1.5 s deadline), and ``requests``/``redis-py`` are blocking libraries, so each
-in-flight request needs a thread; gthread keeps idle keep-alive connections in a
-selector instead of a thread, so hundreds of Braze connections cost little, and
-``threads`` bounds how many requests run at once. (gevent would hold more waiting
-requests, but monkey-patching makes locks, the budget's sleeps and redis-py's pool
-harder to reason about; the cache makes long waits rare.)
+Worker model: gunicorn's stock ``gevent`` worker. A request that misses the cache waits on
+Amplitude (up to the 1.5 s deadline) or on a budget slot; under gevent it waits as a
+greenlet, which holds a few kilobytes and no thread, so every lookup the budget and the
+deadline allow gets its answer and a cached answer never waits because misses are
+waiting (gunicorn's design notes name async workers for applications that make long
+blocking calls to external services). What blocks in C (SQLite, a write to a stalled
+stdout) runs on gevent's thread pool (:mod:`app.blocking`). ``GUNICORN_WORKER_CLASS=gthread``
+(with ``GUNICORN_THREADS``) runs the threaded worker instead, for comparison in the
+benchmark (``make bench``); it is not what the image ships.
 
 Workers: one process per core (``WEB_CONCURRENCY`` overrides it). The processes share
 the cache, the single-flight claims and the upstream budget, so "one upstream call per
@@ -14,6 +16,9 @@ user" and the limit hold across them: through Redis when ``REDIS_URL`` is set (a
 machines), else through one SQLite file on this machine (``SHARED_STATE_PATH``; when it
 is not set, a new file in a private temporary directory that lives as long as this
 master). A single worker without Redis keeps everything in its own process.
+
+The master imports only :mod:`app.settings` and :mod:`app.stores.sqlite_schema` (to refuse
+bad settings before forking); each worker imports the rest after gevent has patched it.
 """
 
 from __future__ import annotations
@@ -23,11 +28,6 @@ import shutil
 import sqlite3
 import sys
 import tempfile
-
-import gunicorn.http.wsgi
-
-# No version banner in responses.
-gunicorn.http.wsgi.SERVER = "amplitude-profile-proxy"
 
 
 def available_cores() -> int:
@@ -52,13 +52,12 @@ def available_cores() -> int:
 
 
 workers = int(os.environ.get("WEB_CONCURRENCY") or available_cores())
-# 32 threads for one worker; 16 each when there are several. The threads of one process
-# share its GIL, and 32 of them contend for it: on 2 cores, two workers of 16 served 13 %
-# more cached answers than two of 32, with less CPU per answer, and the same 24 waiting
-# misses between them (UPSTREAM_MAX_WAITING below).
-threads = int(os.environ.get("GUNICORN_THREADS") or (32 if workers == 1 else 16))
-# gthread, answering the requests gunicorn refuses itself (malformed, over-long) with JSON.
-worker_class = "app.http.worker.JsonErrorThreadWorker"
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS") or "gevent"
+# Under gevent, the connections (and so the requests) one worker holds at once; Braze opens
+# thousands, and the front keeps a pool of them open to each worker.
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS") or 4000)
+# gthread only (the comparison): each request in progress holds one of these.
+threads = int(os.environ.get("GUNICORN_THREADS") or 256) if worker_class == "gthread" else 1
 # No runtime control socket: nothing here uses it, and every master on a host would share
 # one default path (~/.gunicorn/gunicorn.ctl). Older gunicorns ignore the setting.
 control_socket_disable = True
@@ -67,9 +66,6 @@ control_socket_disable = True
 # is none. Several instances without Redis: set UPSTREAM_BUDGET_SHARES to the total number
 # of worker processes across all of them.
 os.environ.setdefault("UPSTREAM_BUDGET_SHARES", str(workers))
-# Requests waiting on Amplitude are kept below the threads, so a cached answer always
-# finds a thread: three quarters of them (24 of 32, 12 of 16), at least 4 threads left over.
-os.environ.setdefault("UPSTREAM_MAX_WAITING", str(max(1, threads - max(4, threads // 4))))
 
 # prometheus_client's multi-process mode: every worker writes its metrics to files here,
 # and a scrape of any worker adds them up. Set before workers import prometheus_client.
@@ -84,10 +80,12 @@ _STATE_DIR = "AMPLITUDE_PROXY_STATE_DIR"
 wsgi_app = "app:create_app()"
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 backlog = 2048
-worker_connections = 1000
 keepalive = 75  # longer than common load balancer idle timeouts
 timeout = 30
-graceful_timeout = 20
+# Every answer is due within 1.5 s of arrival, so in-flight requests are done well within
+# this. What is left after it are idle keep-alive connections (the front's pool), which the
+# gevent worker holds until this timeout and then closes ("Worker graceful timeout").
+graceful_timeout = 5
 
 # Bound what a client can make the server hold (request line, header count and size).
 limit_request_line = 8190
@@ -130,13 +128,32 @@ def on_starting(server: object) -> None:
         on_exit(server)
         sys.exit(2)
     server.log.info(  # type: ignore[attr-defined]
-        "%d worker%s x %d threads; up to %s requests per worker wait on Amplitude",
-        server.cfg.workers, "" if server.cfg.workers == 1 else "s",  # type: ignore[attr-defined]
-        server.cfg.threads, os.environ["UPSTREAM_MAX_WAITING"],  # type: ignore[attr-defined]
+        "%d %s worker%s, up to %d connections each",
+        server.cfg.workers, worker_class,  # type: ignore[attr-defined]
+        "" if server.cfg.workers == 1 else "s", server.cfg.worker_connections,  # type: ignore[attr-defined]
     )  # fmt: skip
     # Counts from a previous run must not be added to this one's.
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     os.makedirs(_metrics_dir, exist_ok=True)
+
+
+class _RefusalDetails:
+    """Drop what gunicorn quotes of a request it refused ("Invalid request from ip=...: <the
+    offending line>"): the line may hold a caller key. The address and the fact stay."""
+
+    def filter(self, record: object) -> bool:
+        message = getattr(record, "msg", "")
+        if isinstance(message, str) and message.startswith("Invalid request from ip="):
+            record.msg = message.split(": ", 1)[0] + ": refused before the app (details withheld)"  # type: ignore[attr-defined]
+            record.args = ()  # type: ignore[attr-defined]
+        return True
+
+
+def post_worker_init(worker: object) -> None:
+    """Keep credentials out of gunicorn's own log lines (gunicorn.error, as its docs name it)."""
+    import logging
+
+    logging.getLogger("gunicorn.error").addFilter(_RefusalDetails())
 
 
 def child_exit(server: object, worker: object) -> None:

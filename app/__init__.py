@@ -1,34 +1,47 @@
-"""Braze Connected Content endpoints over Amplitude's User Profile API."""
+"""Braze Connected Content endpoints over Amplitude's User Profile API.
+
+Only :func:`create_app` lives here, and it imports what it builds when it is called:
+gunicorn's master imports :mod:`app.settings` to check the settings before it forks, and
+must not import the rest (the HTTP client, Redis, the logging threads) before the gevent
+worker has patched the standard library in each worker.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
 
-from app.clock import SYSTEM_CLOCK, Clock
-from app.errors import register_error_handlers
-from app.extensions import ProxyExtensions
-from app.http.arrival import ArrivalStamp
-from app.http.edge import CachedHitEdge
-from app.http.forwarded import TrustedForwardedFor
-from app.http.gate import register_gate
-from app.http.middleware import RawPathMiddleware
-from app.http.security import parse_networks
-from app.observability import configure_logging
-from app.settings import Settings, load_settings
-
-log = logging.getLogger(__name__)
+    from app.clock import Clock
+    from app.settings import Settings
 
 
 def create_app(
     settings: Settings | None = None,
     environ: Mapping[str, str] | None = None,
-    clock: Clock = SYSTEM_CLOCK,
+    clock: Clock | None = None,
 ) -> Flask:
     """Build the service from *settings*, else from *environ*, else from ``os.environ``."""
+    import logging
+
+    from flask import Flask
+
+    from app.clock import SYSTEM_CLOCK
+    from app.errors import register_error_handlers
+    from app.extensions import ProxyExtensions
+    from app.http.arrival import ArrivalStamp
+    from app.http.forwarded import TrustedForwardedFor
+    from app.http.gate import register_gate
+    from app.http.middleware import RawPathMiddleware
+    from app.http.ops import ops
+    from app.http.security import parse_networks
+    from app.http.views import v1
+    from app.observability import configure_logging
+    from app.settings import load_settings
+
     settings = settings or load_settings(os.environ if environ is None else environ)
     configure_logging(settings.log_level, settings.log_user_ids)
     app = Flask(__name__, static_folder=None)
@@ -37,29 +50,26 @@ def create_app(
     # No redirects (Braze does not follow them, and they would answer in HTML): "//" in a
     # path is an unknown route, not a request to be rewritten.
     app.url_map.merge_slashes = False
-    app.extensions["profile_proxy"] = ProxyExtensions.build(settings, clock=clock)
+    extensions = ProxyExtensions.build(settings, clock=clock or SYSTEM_CLOCK)
+    app.extensions["profile_proxy"] = extensions
     register_error_handlers(app)
     register_gate(app)
-
-    from app.http.ops import ops
-    from app.http.views import v1
-
     app.register_blueprint(ops)
     app.register_blueprint(v1)
     if settings.preview_page:
         from app.preview.page import register as register_preview_page
 
         register_preview_page(app)
-    arrival = ArrivalStamp(clock, parse_networks(settings.forwarded_allow_ips))
+    proxies = parse_networks(settings.forwarded_allow_ips)
     wsgi = app.wsgi_app
-    if settings.edge_hits:
-        # Fresh cache hits are answered before Flask's dispatch; everything else goes on to it.
-        wsgi = CachedHitEdge(wsgi, app, arrival)
     if settings.trusted_proxy_count:
         # X-Forwarded-For counts only from FORWARDED_ALLOW_IPS, and only the entries the
         # trusted proxies appended: a client's own entries sit further left and are ignored.
-        wsgi = TrustedForwardedFor(wsgi, parse_networks(settings.forwarded_allow_ips), settings.trusted_proxy_count)
-    app.wsgi_app = RawPathMiddleware(wsgi, arrival)  # type: ignore[method-assign]
+        wsgi = TrustedForwardedFor(wsgi, proxies, settings.trusted_proxy_count)
+    # Before anything else: the arrival time, and the raw path Flask routes on.
+    app.wsgi_app = RawPathMiddleware(wsgi, ArrivalStamp(extensions.clock, proxies))  # type: ignore[method-assign]
     if settings.demo_mode:
-        log.warning("DEMO MODE: serving simulated Amplitude data from %s", settings.amplitude_api_url)
+        logging.getLogger(__name__).warning(
+            "DEMO MODE: serving simulated Amplitude data from %s", settings.amplitude_api_url
+        )
     return app

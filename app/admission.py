@@ -16,7 +16,7 @@ from app.budget import BULK, LIVE, CallerMissCaps, UpstreamBudget
 from app.clock import Clock, Deadline
 from app.core.breaker import CircuitBreaker
 from app.errors import RateLimited, UpstreamMisconfigured, UpstreamUnavailable, UserNotFound
-from app.observability import Metrics
+from app.metrics import Metrics
 from app.settings import SEND_ALLOWANCE_SECONDS
 from app.upstream import UpstreamThrottled
 

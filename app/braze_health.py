@@ -13,7 +13,7 @@ import threading
 from collections import deque
 
 from app.clock import Clock
-from app.observability import Metrics
+from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,13 @@ class SystemClock:
 
     time = staticmethod(_time.time)
     monotonic = staticmethod(_time.monotonic)
-    sleep = staticmethod(_time.sleep)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        # Looked up at each call: gunicorn's master imports this module before the gevent
+        # worker patches ``time.sleep``, and a reference taken then would block every
+        # request of the worker while one of them sleeps.
+        _time.sleep(seconds)
 
 
 SYSTEM_CLOCK = SystemClock()

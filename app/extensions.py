@@ -16,7 +16,7 @@ from app.gauges import GaugePublisher
 from app.http.auth import CallerKeys
 from app.http.security import FailureBrake, NetworkAllowlist, parse_networks
 from app.lookup import ProfileLookup
-from app.observability import Metrics
+from app.metrics import Metrics
 from app.settings import Settings
 from app.stores.profiles import ProfileStore
 from app.stores.redis import RedisTier
@@ -38,15 +38,14 @@ class ProxyExtensions:
     redis: RedisTier | None
     budget: UpstreamBudget
     breaker: CircuitBreaker
-    cache: ProfileStore
-    profiles: ProfileLookup
+    profile_store: ProfileStore
+    profile_lookup: ProfileLookup
     metrics: Metrics
     allowlist: NetworkAllowlist
     failure_brake: FailureBrake
     braze_watch: BrazeFailureWatch
     gauges: GaugePublisher
     openapi: dict[str, Any] | None = None
-    edge: Any = None  # the CachedHitEdge, when EDGE_HITS is on
     shared: SharedTier | None = None  # Redis, else the machine's SQLite file, else nothing
 
     @classmethod
@@ -65,7 +64,6 @@ class ProxyExtensions:
             shared,
             clock=clock,
             window=window,
-            live_reserve=settings.live_reserve,
         )
         breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, clock=clock)
         # A claim outlives the longest call it covers, so it is never released by expiry mid-call.
@@ -92,7 +90,6 @@ class ProxyExtensions:
             clock,
             call_seconds=settings.request_deadline_seconds,
             concurrency=settings.upstream_concurrency,
-            max_waiting=settings.upstream_max_waiting,
         )
         return cls(
             settings=settings,
@@ -103,8 +100,8 @@ class ProxyExtensions:
             redis=redis_tier,
             budget=budget,
             breaker=breaker,
-            cache=store,
-            profiles=profiles,
+            profile_store=store,
+            profile_lookup=profiles,
             metrics=metrics,
             allowlist=NetworkAllowlist(parse_networks(settings.allowed_cidrs)),
             failure_brake=FailureBrake(settings.auth_failure_limit_per_minute, clock=clock),
@@ -116,6 +113,6 @@ class ProxyExtensions:
     def close(self) -> None:
         self.gauges.close()
         self.budget.close()
-        self.profiles.close()
+        self.profile_lookup.close()
         if self.shared is not None:
             self.shared.close()  # and the Redis tier under it

@@ -2,7 +2,7 @@
 
 A scrape is answered by one worker but reads every live worker's last values
 (prometheus_client's multi-process files; each gauge's mode in
-:class:`app.observability.Metrics` says how they add up). So no worker may wait for a
+:class:`app.metrics.Metrics` says how they add up). So no worker may wait for a
 scrape to bring its gauges up to date: each refreshes its own once a second (the circuit,
 whose cool-down turns "open" into "half-open" with no event; the budget's window; the
 trailing minute). What is shared is read from the shared place when the scrape comes:
@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from app.observability import CIRCUIT_STATES, Metrics
+from app.metrics import CIRCUIT_STATES, Metrics
 
 if TYPE_CHECKING:
     from app.braze_health import BrazeFailureWatch

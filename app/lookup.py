@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.admission import Admission
 from app.clock import Clock, Deadline
@@ -30,9 +30,11 @@ from app.errors import (
     UpstreamUnavailable,
     UserNotFound,
 )
-from app.observability import RequestTrace
 from app.stores.profiles import Pending, ProfileStore, View
 from app.upstream import AmplitudeClient
+
+if TYPE_CHECKING:
+    from app.http.trace import RequestTrace
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +59,6 @@ class Lookup:
     degraded_by: ApiError | None = field(default=None)
 
 
-class NotCached(Exception):
-    """No fresh answer in this process's cache: the request needs the full lookup."""
-
-
-#: The cache entry the last :meth:`ProfileLookup.cached` on this thread answered from,
-#: as ``(cache key, fetched_at)``: the edge keeps the shaped answer per entry version.
-last_cached = threading.local()
-
-
 def error_from_code(code: str) -> ApiError:
     """The error another process's failed call left behind, for the requests that waited on it."""
     if code == RateLimited.error:
@@ -86,7 +79,6 @@ class ProfileLookup:
         clock: Clock,
         call_seconds: float,
         concurrency: int,
-        max_waiting: int | None = None,
     ) -> None:
         self.store = store
         self.freshness: Freshness = store.freshness
@@ -97,9 +89,6 @@ class ProfileLookup:
         self._flights: dict[str, Future[Entry]] = {}
         self._flights_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upstream")
-        # Request threads that may wait on an upstream answer at once: fewer than the
-        # server's threads, so a cached answer always finds a thread.
-        self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -130,11 +119,7 @@ class ProfileLookup:
             return self._answer(decision.entry, STALE, trace)
         _note(trace, "miss")
         started = self.clock.monotonic()
-        waiting = False
         try:
-            if self._waiting is not None and not self._waiting.acquire(blocking=False):
-                raise UpstreamUnavailable("too many requests are waiting on Amplitude; retry later", retry_after=1)
-            waiting = self._waiting is not None
             late = deadline.remaining() < LATE_SECONDS
             caller = trace.caller if trace else None
             flight, mine = self._find_flight(query, start=not late)
@@ -153,26 +138,11 @@ class ProfileLookup:
                 raise
             return self._answer(decision.fallback, STALE, trace, degraded_by=exc)
         finally:
-            if waiting and self._waiting is not None:
-                self._waiting.release()
             if trace is not None:
                 trace.upstream_ms += (self.clock.monotonic() - started) * 1000
         if entry.body is None:
             raise UserNotFound()
         return self._answer(entry, MISS, trace)
-
-    def cached(self, query: ProfileQuery, trace: RequestTrace | None = None) -> Lookup:
-        """A fresh answer from this process's cache, with no I/O and no waiting.
-
-        :raises NotCached: anything else (a miss, a stale or not-found entry, an id never stored).
-        """
-        if query.identity.never_stored:
-            raise NotCached()
-        entry = self.store.local_entry(query.cache_key)
-        if entry is None or not self.freshness.is_fresh(entry, self.clock.time()):
-            raise NotCached()
-        last_cached.entry = (query.cache_key, entry.fetched_at)
-        return self._answer(entry, HIT, trace)
 
     def _answer(self, entry: Entry | None, cache: str, trace: RequestTrace | None, **kwargs: Any) -> Lookup:
         if entry is None:  # decide() always names the entry it serves

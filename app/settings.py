@@ -63,8 +63,6 @@ class Settings:
     upstream_read_timeout: float = 1.0
     upstream_max_body_bytes: int = 1_000_000
     upstream_concurrency: int = 32
-    upstream_max_waiting: int = 24
-    edge_hits: bool = True
     request_deadline_seconds: float = 1.5
     breaker_failure_threshold: int = 5
     breaker_cooldown_seconds: float = 10.0
@@ -242,8 +240,6 @@ class SettingsSchema(Schema):
     UPSTREAM_READ_TIMEOUT = _seconds(1.0, minimum=0.01, maximum=1.4)
     UPSTREAM_MAX_BODY_BYTES = _count(1_000_000, minimum=1024)
     UPSTREAM_CONCURRENCY = _count(32, maximum=1024)
-    UPSTREAM_MAX_WAITING = _count(24, maximum=1024)
-    EDGE_HITS = mf.Boolean(load_default=True)
     REQUEST_DEADLINE_SECONDS = _seconds(1.5, minimum=0.1, maximum=1.9)
     BREAKER_FAILURE_THRESHOLD = _count(5)
     BREAKER_COOLDOWN_SECONDS = _seconds(10.0, minimum=0.1, maximum=3600)

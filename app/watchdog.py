@@ -3,8 +3,9 @@
 Socket timeouts bound each read, not the exchange: an answer that trickles in a header
 line at a time would hold a thread long past the deadline. One watchdog thread keeps the
 deadlines of the calls in flight and, when one passes, shuts down that call's socket; the
-call then fails at once and its thread is free. The connection pools tell the calling
-thread's watch which connection it got.
+call then fails at once and its thread (or greenlet) is free. The pool's connection class
+(urllib3's documented ``ConnectionCls`` seam) tells the watch of the call in progress, a
+context variable of this module, which connection the call is using.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-_calls = threading.local()
+#: The call in progress in this thread or greenlet (each has its own context).
+_watched: ContextVar[WatchedCall | None] = ContextVar("upstream_watched_call", default=None)
 
 
 class WatchedCall:
@@ -73,7 +77,7 @@ class Watchdog:
     def watch(self, seconds: float) -> Iterator[WatchedCall]:
         """Watch the calling thread's upstream call for *seconds* (real time)."""
         call = WatchedCall()
-        _calls.watched = call
+        token = _watched.set(call)
         with self._wake:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="upstream-watchdog", daemon=True)
@@ -87,7 +91,7 @@ class Watchdog:
             yield call
         finally:
             call.finish()
-            _calls.watched = None
+            _watched.reset(token)
 
     def close(self) -> None:
         with self._wake:
@@ -105,26 +109,41 @@ class Watchdog:
 
 
 def finish_watched_call() -> None:
-    """Mark the calling thread's watched call as done with its socket."""
-    call = getattr(_calls, "watched", None)
+    """Mark the call in progress as done with its socket."""
+    call = _watched.get()
     if call is not None:
         call.finish()
 
 
-def _tell_watch(connection: Any) -> Any:
-    call = getattr(_calls, "watched", None)
+def _tell_watch(connection: Any) -> None:
+    call = _watched.get()
     if call is not None:
         call.connection = connection
-    return connection
+
+
+class _TellsWatch:
+    """Tell the watch of the call in progress that the call uses this connection."""
+
+    def connect(self) -> None:
+        _tell_watch(self)  # before connecting: a handshake that trickles is cut too
+        super().connect()  # type: ignore[misc]
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _tell_watch(self)  # a kept-alive connection is reused without connecting
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class WatchedConnection(_TellsWatch, HTTPConnection):
+    pass
+
+
+class WatchedHTTPSConnection(_TellsWatch, HTTPSConnection):
+    pass
 
 
 class WatchedPool(HTTPConnectionPool):
-    """A connection pool that tells the calling thread's watch which connection it got."""
-
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        return _tell_watch(super()._get_conn(timeout))
+    ConnectionCls = WatchedConnection
 
 
 class WatchedHTTPSPool(HTTPSConnectionPool):
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        return _tell_watch(super()._get_conn(timeout))
+    ConnectionCls = WatchedHTTPSConnection

@@ -23,8 +23,16 @@ if [ -z "${AMPLITUDE_SECRET_KEY:-}" ]; then
        "curl -u braze:demo-key ${PUBLIC_URL:-http://localhost:${PORT:-8000}}/v1/users/user-42/recommendations/rec_home"
   "$PY" -m gunicorn -c gunicorn.conf.py &
   gunicorn_pid=$!
-  trap 'kill $gunicorn_pid $sim_pid 2>/dev/null || true' EXIT INT TERM
-  wait $gunicorn_pid
+  # Stop gunicorn and wait for it (it lets requests in flight finish), then the simulator.
+  stop() {
+    trap - EXIT INT TERM
+    kill -TERM "$gunicorn_pid" 2>/dev/null || true
+    wait "$gunicorn_pid" 2>/dev/null || true
+    kill "$sim_pid" 2>/dev/null || true
+    wait "$sim_pid" 2>/dev/null || true
+  }
+  trap stop EXIT INT TERM
+  wait "$gunicorn_pid"
 else
   exec "$PY" -m gunicorn -c gunicorn.conf.py
 fi

@@ -101,12 +101,11 @@ def make_service(sim: AmplitudeSimulator) -> Iterator[Callable[..., RunningServi
     running: list[RunningService] = []
 
     def build(clock: Clock = SYSTEM_CLOCK, **overrides: Any) -> RunningService:
-        # werkzeug's test server gives every connection a thread of its own: the bound that
-        # keeps gunicorn's threads free for cached answers is lifted unless a test sets it.
-        # Redis shares this busy machine with the whole suite: its production timeout (0.1 s,
-        # for a server on the LAN) would read CPU starvation as an outage; tests of slow or
-        # absent Redis set their own (or kill it, which fails at once).
-        defaults = {"UPSTREAM_MAX_WAITING": 1000, "REDIS_TIMEOUT_SECONDS": 1.0}
+        # werkzeug's test server gives every connection a thread of its own. Redis shares this
+        # busy machine with the whole suite: its production timeout (0.1 s, for a server on
+        # the LAN) would read CPU starvation as an outage; tests of slow or absent Redis set
+        # their own (or kill it, which fails at once).
+        defaults = {"REDIS_TIMEOUT_SECONDS": 1.0}
         app = create_app(environ=base_env(sim, **{**defaults, **overrides}), clock=clock)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         server.daemon_threads = True  # type: ignore[attr-defined]
@@ -194,12 +193,14 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 class GunicornService:
     """The service under its real ``gunicorn.conf.py``, as a subprocess."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, extra_flags: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.log_path = log_path
         # Only the settings this test chose: nothing leaks in from the caller's environment.
-        unset = [*SettingsSchema().fields, "WEB_CONCURRENCY"]
-        self.proc, self.url = start_gunicorn("gunicorn", gunicorn_env(env, self.port, unset), log_path)
+        unset = [*SettingsSchema().fields, "WEB_CONCURRENCY", "GUNICORN_WORKER_CLASS", "GUNICORN_THREADS"]
+        self.proc, self.url = start_gunicorn(
+            "gunicorn", gunicorn_env(env, self.port, unset), log_path, extra_flags=extra_flags
+        )
 
     @property
     def process(self) -> subprocess.Popen[bytes]:
@@ -216,8 +217,11 @@ class GunicornService:
 def gunicorn_service(sim: AmplitudeSimulator, tmp_path: Path) -> Iterator[Callable[..., GunicornService]]:
     started: list[GunicornService] = []
 
-    def start(**overrides: Any) -> GunicornService:
-        service = GunicornService(base_env(sim, **overrides), tmp_path / f"gunicorn-{len(started)}.log")
+    def start(*extra_flags: str, **overrides: Any) -> GunicornService:
+        """gunicorn with these settings (and command-line flags, e.g. ``--proxy-protocol``)."""
+        service = GunicornService(
+            base_env(sim, **overrides), tmp_path / f"gunicorn-{len(started)}.log", tuple(extra_flags)
+        )
         started.append(service)
         return service
 

@@ -38,15 +38,12 @@ def test_one_worker_per_core_and_one_upstream_call_per_user_across_them(gunicorn
     service = gunicorn_service()
     cores = len(os.sched_getaffinity(0))
     wait_until(lambda: len(children(service.process.pid)) == cores, message=f"not {cores} workers")
-    # Several workers split the threads one worker would have (fewer threads per GIL).
-    threads, waiting = (32, 24) if cores == 1 else (16, 12)
-    assert f"x {threads} threads; up to {waiting} requests per worker wait on Amplitude" in service.logs()
+    assert f"{cores} gevent worker{'' if cores == 1 else 's'}, up to 4000 connections each" in service.logs()
     path = state_file(service)
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
 
     def stampede(user: str) -> set[str]:
-        """Ten requests at once for one cold user (fewer than a worker lets wait on
-        Amplitude, UPSTREAM_MAX_WAITING); the workers that answered them."""
+        """Ten requests at once for one cold user; the workers that answered them."""
         with ThreadPoolExecutor(max_workers=10) as pool:
             answers = list(pool.map(lambda _: requests.get(f"{service.url}/v1/users/{user}/cohorts", headers=AUTH,
                                                             timeout=5), range(10)))  # fmt: skip
@@ -67,9 +64,9 @@ def test_one_worker_per_core_and_one_upstream_call_per_user_across_them(gunicorn
 
 def test_a_process_allowed_one_core_runs_one_worker(sim, tmp_path):
     """The worker count follows the cores this process may use (its CPU affinity, as
-    ``taskset`` or a container's cpuset sets it), not the machine's: one core, one worker
-    of 32 threads, sharing nothing."""
-    chosen = ["WEB_CONCURRENCY", "GUNICORN_THREADS", "UPSTREAM_MAX_WAITING", "UPSTREAM_BUDGET_SHARES",
+    ``taskset`` or a container's cpuset sets it), not the machine's: one core, one worker,
+    sharing nothing."""
+    chosen = ["WEB_CONCURRENCY", "GUNICORN_WORKER_CLASS", "GUNICORN_THREADS", "UPSTREAM_BUDGET_SHARES",
               "SHARED_STATE_PATH", "REDIS_URL"]  # fmt: skip
     env = gunicorn_env(base_env(sim), free_port(), chosen)
     one_core = {min(os.sched_getaffinity(0))}
@@ -80,7 +77,7 @@ def test_a_process_allowed_one_core_runs_one_worker(sim, tmp_path):
                                    preexec_fn=lambda: os.sched_setaffinity(0, one_core))  # fmt: skip
     try:
         started = wait_until(lambda: "Booting worker" in log_path.read_text() and log_path.read_text(), timeout=30)
-        assert "1 worker x 32 threads; up to 24 requests per worker wait on Amplitude" in started
+        assert "1 gevent worker, up to 4000 connections each" in started
         assert "share cache and budget through" not in started
         wait_until(lambda: len(children(process.pid)) == 1, timeout=30)
     finally:

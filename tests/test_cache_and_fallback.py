@@ -57,7 +57,7 @@ def test_cache_is_bounded(make_service, sim):
     service = make_service(CACHE_MAX_ENTRIES=3)
     for n in range(6):
         assert service.get(f"/v1/users/user-{n}/cohorts").status_code == 200
-    assert len(service.extensions.cache) == 3
+    assert len(service.extensions.profile_store) == 3
     assert service.get("/v1/users/user-0/cohorts").headers["X-Cache"] == "MISS"
     assert sim.calls == 7
 

@@ -45,31 +45,14 @@ def test_the_front_stamp_counts_only_from_a_named_proxy(make_service, sim):
     assert answer.status_code == 200 and sim.calls == 1
 
 
-def test_cached_answers_never_wait_behind_misses(make_service, sim):
-    service = make_service(UPSTREAM_MAX_WAITING=3)
+def test_cached_answers_never_wait_behind_misses_and_no_miss_is_turned_away(service, sim):
     assert service.get("/v1/users/user-cached/cohorts").status_code == 200
     sim.hold()
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        waiting = [pool.submit(service.get, f"/v1/users/user-slow{n}/cohorts") for n in range(3)]
-        wait_until(lambda: sim.calls == 4)  # three misses hold the three waiting places
-        turned_away = service.get("/v1/users/user-slow9/cohorts")
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        waiting = [pool.submit(service.get, f"/v1/users/user-slow{n}/cohorts") for n in range(30)]
+        wait_until(lambda: sim.calls == 31)  # thirty misses are waiting on Amplitude
         hit = service.get("/v1/users/user-cached/cohorts")
         sim.release()
-        assert [answer.result().status_code for answer in waiting] == [200, 200, 200]
-    assert turned_away.status_code == 503 and turned_away.json()["error"] == "upstream_unavailable"
+        answers = [answer.result() for answer in waiting]
     assert hit.status_code == 200 and hit.headers["X-Cache"] == "HIT"
-    assert sim.calls == 4
-
-
-def test_an_upstream_that_trickles_its_headers_frees_its_thread_at_the_deadline(make_service, sim, capsys):
-    # Two upstream threads; an answer that sends a header line every 0.4 s for 10 s would
-    # hold both for 10 s if only the per-read timeout bounded it.
-    service = make_service(UPSTREAM_CONCURRENCY=2)
-    sim.set_fault("trickle_headers", interval=0.4, lines=25)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        stuck = list(pool.map(service.get, ["/v1/users/user-t1/cohorts", "/v1/users/user-t2/cohorts"]))
-    assert [answer.status_code for answer in stuck] == [503, 503]
-    sim.set_fault("none")
-    healthy = service.get("/v1/users/user-t3/cohorts")
-    assert healthy.status_code == 200 and healthy.headers["X-Cache"] == "MISS"
-    assert max(line["total_ms"] for line in access_lines(capsys)) < 2000
+    assert [answer.status_code for answer in answers] == [200] * 30

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.observability import Metrics
+from app.metrics import Metrics
 from tests.front_support import RENDER, ROOT, free_port, render_front
 
 DEPLOY = ROOT / "deploy"
@@ -165,9 +165,10 @@ def test_kubernetes_has_probes_resources_pdb_secret_redis_and_room_to_drain():
         assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert {"secretRef": {"name": "amplitude-profile-proxy"}} in containers["service"]["envFrom"]
     assert "Secret/amplitude-profile-proxy" in objects
-    # The pre-stop wait and gunicorn's 20 s graceful timeout fit in the grace period.
+    # The pre-stop wait and gunicorn's graceful timeout fit in the grace period.
     pre_stop = int(containers["service"]["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 20 + 5
+    graceful = int(re.search(r"^graceful_timeout = (\d+)", (ROOT / "gunicorn.conf.py").read_text(), re.M).group(1))
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + graceful + 5
     pdb = objects["PodDisruptionBudget/amplitude-profile-proxy"]
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     assert deployment["spec"]["replicas"] > pdb["spec"]["minAvailable"]

@@ -1,19 +1,22 @@
-"""The production shape: nginx in front of gunicorn. JSON from the edge, TLS, the client's address, make run-prod."""
+"""The production shape: nginx in front of gunicorn. JSON from the front, TLS, the client's address, make run-prod."""
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from app.http.worker import REFUSALS
+from app.errors import ApiError, Forbidden, InvalidRequest
 from tests.conftest import BRAZE_KEY, SIM_SECRET
 from tests.front_support import (
     HTTP09,
@@ -41,7 +44,8 @@ REFUSED = [
      414, {414}),
     ("header over 8,190 bytes", b"GET /healthz HTTP/1.1\r\n" + HOST + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n",
      431, {431}),
-    ("too many headers", b"GET /healthz HTTP/1.1\r\n" + HOST + SIXTY_HEADERS + b"\r\n", 431, {431}),
+    # The front forwards only the headers the service reads: nothing to refuse through it.
+    ("too many headers", b"GET /healthz HTTP/1.1\r\n" + HOST + SIXTY_HEADERS + b"\r\n", 431, None),
     ("bad HTTP version", b"GET /healthz HTTP/9.9\r\n" + HOST + b"\r\n", 400, {400, 505}),
     ("raw CR in the request line", b"GET /v1/users/a\rb/cohorts HTTP/1.1\r\n" + HOST + b"\r\n", 400, {400}),
     # nginx reads "GET /v1/users/a" + LF as an HTTP/0.9 request: the answer is a body without a head.
@@ -89,19 +93,20 @@ def backend(gunicorn_service, sim):
     return gunicorn_service(TRUSTED_PROXY_COUNT=1, FORWARDED_ALLOW_IPS="127.0.0.1")
 
 
-def test_gunicorn_refusals_are_json_directly(backend):
+def test_gunicorn_refuses_directly_without_echoing_the_request(backend):
+    """gunicorn served directly keeps its own page for what it refuses before the app (the
+    front answers those in JSON, without quoting the request: below)."""
     for case, request, status, _ in REFUSED:
         answer = raw_request(backend.port, request)
-        body = assert_json_error(answer, status)
-        assert body["error"] == REFUSALS[status][0], case
-        assert answer.headers.get("connection") == "close"
-    # The refused input is never echoed (it may hold a key); gunicorn still logs the refusal.
+        assert answer.status == status, case
+        assert answer.headers.get("connection") == "close", case
     answer = raw_request(
         backend.port, b"GET /healthz HTTP/1.1\r\n" + HOST + f"Authorization Bearer {BRAZE_KEY}\r\n\r\n".encode()
     )
-    assert_json_error(answer, 400)
-    assert BRAZE_KEY not in answer.body.decode()
+    assert answer.status == 400
+    # gunicorn logs the refusal, never the line it refused.
     wait_for(lambda: "Invalid request from ip=" in backend.logs(), 10, "gunicorn to log the refusals")
+    assert BRAZE_KEY not in backend.logs()
     # The service is still fine afterwards.
     assert requests.get(f"{backend.url}/v1/users/user-1/cohorts", headers=AUTH, timeout=5).status_code == 200
 
@@ -243,13 +248,15 @@ def test_make_run_prod_defaults_to_localhost_8000():
     assert "run-prod:" in makefile and "./scripts/run-prod.sh" in makefile
 
 
-def test_front_and_gunicorn_use_the_same_error_codes():
+def test_front_and_service_use_the_same_error_codes():
     spec = importlib.util.spec_from_file_location("front_render", RENDER)
     assert spec is not None and spec.loader is not None
     render = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render)
-    for status in set(render.FRONT_ERRORS) & set(REFUSALS):
-        assert render.FRONT_ERRORS[status][0] == REFUSALS[status][0], status
+    service: dict[int, str] = {400: InvalidRequest.error, 403: Forbidden.error, 500: ApiError.error}
+    service.update({404: "not_found", 405: "method_not_allowed"})  # app/errors.py, for Flask's own errors
+    for status in set(render.FRONT_ERRORS) & set(service):
+        assert render.FRONT_ERRORS[status][0] == service[status], status
 
 
 def test_rendering_refuses_half_a_tls_setup_and_trusting_everyone(tmp_path):
@@ -262,3 +269,53 @@ def test_rendering_refuses_half_a_tls_setup_and_trusting_everyone(tmp_path):
         )
         assert result.returncode != 0
         assert result.stderr.startswith("render: ")
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        b"Connection: keep-alive, close\r\n",
+        b"Connection: keep-alive\r\nConnection: close\r\n",
+        b"Connection: close\r\n",
+    ],
+    ids=["one header", "a second header", "alone"],
+)
+def test_the_front_closes_when_any_connection_header_says_close(backend, fronts, connection):
+    """RFC 9112 9.6: ``close`` in any Connection header ends the connection after the answer."""
+    front = fronts(f"127.0.0.1:{backend.port}")
+    request = b"GET /healthz HTTP/1.1\r\n" + HOST + connection + b"\r\n"
+    received, closed = read_until_closed(front.port, request, timeout=10)
+    assert received.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in received
+    assert closed, "the front kept the connection open"
+
+
+def test_the_front_stamps_each_request_with_its_arrival(fronts):
+    """The deadline counts from the front's ``X-Request-Start``: the front sets it, whatever the client sent."""
+    seen: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            seen.append(self.headers.get("X-Request-Start", ""))
+            body = b'{"status":"ok"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        front = fronts(f"127.0.0.1:{server.server_port}")
+        before = time.time()
+        response = requests.get(f"{front.url}/healthz", headers={"X-Request-Start": "t=1"}, timeout=5)
+        after = time.time()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert response.status_code == 200
+    assert len(seen) == 1 and seen[0].startswith("t=")
+    assert before - 1 <= float(seen[0][2:]) <= after + 1  # the front's clock, not the client's "t=1"

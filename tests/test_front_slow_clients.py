@@ -1,9 +1,8 @@
-"""500 slow-header clients: through the front nobody else notices; straight into gunicorn they starve it.
+"""500 slow-header clients: through the front or straight into gunicorn, nobody else notices.
 
-Each slow client sends one header byte every few seconds. A gthread worker gives each
-connection that is still sending its headers a thread (32 of them), so the bare server
-starves; nginx holds such connections in its event loop and drops them after its
-header timeout (10 s). Loopback only; every loop is bounded in count and time.
+Each slow client sends one header byte every few seconds. nginx holds such connections in
+its event loop and drops them after its header timeout (10 s); gunicorn's gevent worker
+holds each in a greenlet of its own. Loopback only; every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -143,25 +142,15 @@ def test_through_the_front_500_slow_clients_do_not_slow_other_callers(tmp_path: 
         shape.stop()
 
 
-def test_straight_into_gunicorn_the_same_slow_clients_starve_it(gunicorn_service, sim):
-    """Why the front is there: without it, the same load holds every thread of the worker."""
+def test_straight_into_gunicorn_the_same_slow_clients_cost_it_nothing_either(gunicorn_service, sim):
+    """Each slow client holds a greenlet of the gevent worker, a few kilobytes, and no thread:
+    other callers go on (the front is there for its header timeout, buffering and JSON)."""
     service = gunicorn_service(WEB_CONCURRENCY=1)  # one worker, whatever the default
     dribblers = Dribblers(service.port)
     try:
         time.sleep(0.5)
         results = normal_lookups(service.url, window=4.0, timeout=PROMISE)
-        starved = [status for status, seconds in results if status != 200 or seconds > PROMISE]
-        assert len(results) >= 2
-        assert len(starved) >= len(results) / 2, results
     finally:
         dribblers.close()
-    # Once the slow clients are gone, the server recovers.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(service.url + "/healthz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.2)
-    else:
-        raise AssertionError("gunicorn did not recover after the slow clients left")
+    assert len(results) >= 2
+    assert all(status == 200 and seconds < PROMISE for status, seconds in results), results

@@ -23,7 +23,8 @@ from prometheus_client import generate_latest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from app.gauges import REFRESH_SECONDS
-from app.observability import AccessLog, Metrics
+from app.metrics import Metrics
+from app.observability import AccessLog
 from app.settings import SettingsSchema
 from simulator import AmplitudeSimulator
 from testkit import wait_until

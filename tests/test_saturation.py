@@ -1,6 +1,6 @@
 """Saturation: a slow upstream, misses flooding in, and the cached answers still quick.
 
-Real gunicorn (one worker, 32 threads), upstream slowed to 1.3 s, 56 clients asking for
+Real gunicorn (one gevent worker), upstream slowed to 1.3 s, 56 clients asking for
 new users and 8 asking for 5 cached users, for 30 s. Bounded in time; loopback only.
 """
 
@@ -24,8 +24,8 @@ HEADERS = {"Authorization": f"Bearer {BRAZE_KEY}"}
 @pytest.mark.slow
 @pytest.mark.serial
 def test_every_answer_stays_inside_brazes_timeout_and_hits_stay_quick(gunicorn_service, sim):
-    # One worker, as above: the default is now one per core, and this is about one worker's
-    # threads; a second would also take the core the 64 client threads here measure with.
+    # One worker, as above: the default is one per core, and this is about one worker's
+    # greenlets; a second would also take the core the 64 client threads here measure with.
     service = gunicorn_service(WEB_CONCURRENCY=1)
     cached = [f"user-hot{n}" for n in range(5)]
     for user in cached:

@@ -1,17 +1,17 @@
 """When a request reached the service, so its deadline and logged duration count from then.
 
-Time spent queued for a worker thread is Braze's time too. Two witnesses, the earliest
-believed: the front proxy's ``X-Request-Start: t=<epoch seconds>`` (nginx's ``$msec``),
-only from a peer named in ``FORWARDED_ALLOW_IPS``, and the moment gunicorn's worker
-queued the request for a thread (:class:`app.http.worker.JsonErrorThreadWorker` stamps
-it). Without either (a test server), the request arrived when the app first saw it.
+Time spent in front of the app is Braze's time too. The front (nginx: ``make run-prod``,
+the front image) stamps each request with ``X-Request-Start: t=<epoch seconds>`` (its
+``$msec``) as it receives it, and that stamp is believed only from a peer named in
+``FORWARDED_ALLOW_IPS``. Without it (gunicorn served directly, the test server), the
+request arrived when the app first saw it: under the gevent worker a request is read by
+its own greenlet as soon as its bytes arrive, so little waits unseen before that.
 Ages are measured on the real clock and applied to the app's clock, so a fake clock in
 tests stays consistent.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -24,21 +24,9 @@ ARRIVAL_KEY = "profile_proxy.arrival"
 #: The oldest front stamp believed: anything older is a clock problem, not a queue.
 MAX_BELIEVED_AGE_SECONDS = 30.0
 
-_queued = threading.local()
 
-
-def mark_queued(stamp: float | None) -> None:
-    """Record (on the thread about to handle a request) when gunicorn queued it (time.monotonic)."""
-    _queued.at = stamp
-
-
-def _queued_age() -> float:
-    stamp = getattr(_queued, "at", None)
-    return max(0.0, time.monotonic() - stamp) if stamp is not None else 0.0
-
-
-def _front_age(header: str | None) -> float:
-    """Seconds since the front received the request, from ``t=1764400000.123`` (or a bare number)."""
+def front_age(header: str | None, now: float) -> float:
+    """Seconds between the front's stamp (``t=1764400000.123``, or a bare number) and *now* (epoch)."""
     if not header:
         return 0.0
     value = header.strip()
@@ -50,7 +38,7 @@ def _front_age(header: str | None) -> float:
         return 0.0
     if started > 1e12:  # microseconds, as some proxies send
         started /= 1e6
-    age = time.time() - started
+    age = now - started
     return age if 0.0 < age <= MAX_BELIEVED_AGE_SECONDS else 0.0
 
 
@@ -62,8 +50,8 @@ class ArrivalStamp:
         self.proxies = proxies
 
     def __call__(self, environ: dict[str, Any]) -> float:
-        age = _queued_age()
         header = environ.get("HTTP_X_REQUEST_START")
+        age = 0.0
         if header and address_in(environ.get("REMOTE_ADDR"), self.proxies):
-            age = max(age, _front_age(header))
+            age = front_age(header, time.time())
         return self._now() - age

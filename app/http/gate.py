@@ -21,7 +21,8 @@ from app.http.arrival import ARRIVAL_KEY
 from app.http.auth import CallerKeys, presented_key
 from app.http.params import MAX_QUERY_BYTES, decode_segment
 from app.http.routes import ROUTES
-from app.observability import RequestTrace, log_request, request_id_from
+from app.http.trace import RequestTrace
+from app.observability import log_request, request_id_from
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,14 @@ def admit(endpoint: str | None, values: dict[str, Any] | None) -> None:
     arrival = environ.get(ARRIVAL_KEY)
     if arrival is None:
         arrival = clock.monotonic()
-    trace = RequestTrace(request_id_from(environ.get("HTTP_X_REQUEST_ID")), arrival, extensions)
-    trace.raw_query = environ.get("QUERY_STRING", "")
-    trace.deadline = Deadline.after(clock, settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS, arrival)
-    trace.queue_ms = max(0.0, clock.monotonic() - arrival) * 1000
+    trace = RequestTrace(
+        request_id_from(environ.get("HTTP_X_REQUEST_ID")),
+        arrival,
+        extensions,
+        Deadline.after(clock, settings.request_deadline_seconds - RESPONSE_MARGIN_SECONDS, arrival),
+        raw_query=environ.get("QUERY_STRING", ""),
+        queue_ms=max(0.0, clock.monotonic() - arrival) * 1000,
+    )
     g.trace = trace
     if extensions.allowlist and request.path not in UNGATED_PATHS:
         if not extensions.allowlist.allows(request.remote_addr):
@@ -122,7 +127,7 @@ def finish(response: Response) -> Response:
 
 
 def account(trace: RequestTrace, status: int, method: str, rule: str) -> None:
-    """What every answer counts for on its way out (from Flask or the edge): Braze's view, log line, metrics."""
+    """What every answer counts for on its way out: Braze's view, log line, metrics."""
     extensions = trace.extensions
     extensions.braze_watch.record(status)
     settings = extensions.settings

@@ -34,7 +34,9 @@ class RawPathMiddleware:
         raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
         if raw:
             path = raw.split("?", 1)[0].split("#", 1)[0]
-            if "://" in path:  # absolute-form request target
+            if not path.startswith("/") and "://" in path:
+                # Absolute form (``GET http://host/v1/...``, RFC 9112 3.2.2): only a target
+                # that does not start with "/" can be one; "://" inside a path is data.
                 path = "/" + path.split("://", 1)[1].partition("/")[2]
             script_name = environ.get("SCRIPT_NAME", "")
             if script_name and path.startswith(script_name):

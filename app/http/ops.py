@@ -10,7 +10,8 @@ from flask import Blueprint, Response, current_app
 from app.errors import json_response
 from app.http import schemas
 from app.http.routes import route
-from app.observability import ACCESS_LOG, RequestTrace
+from app.http.trace import RequestTrace
+from app.observability import ACCESS_LOG
 from app.stores.sqlite import SqliteShared
 
 ops = Blueprint("health", __name__)

@@ -88,15 +88,29 @@ def route(
     return register
 
 
-@functools.lru_cache(maxsize=4096)
+#: Query strings up to this long are parsed once and remembered (Braze sends the same few,
+#: one per template, over and over); longer ones, rare and up to 8 KB, are parsed each time,
+#: so the remembered ones hold at most ``_REMEMBERED`` x this many bytes of keys.
+_REMEMBERED_QUERY_BYTES = 512
+_REMEMBERED = 1024
+
+
 def query_args(schema: Schema | None, raw_query: str) -> Mapping[str, Any]:
     """Parse and validate a raw query string for one route's schema (read-only result).
 
-    Braze sends the same few query strings (one per template) over and over, so parsing
-    is remembered; failures are not (they raise). A route without arguments still
-    rejects a malformed query.
+    A route without arguments still rejects a malformed query. Failures raise (and are
+    never remembered).
     """
+    if len(raw_query) <= _REMEMBERED_QUERY_BYTES:
+        return _remembered_args(schema, raw_query)
+    return _parse_args(schema, raw_query)
+
+
+def _parse_args(schema: Schema | None, raw_query: str) -> Mapping[str, Any]:
     parsed = parse_query(raw_query)
     if schema is None:
         return _NO_ARGS
     return MappingProxyType(load_args(schema, parsed))
+
+
+_remembered_args = functools.lru_cache(maxsize=_REMEMBERED)(_parse_args)

@@ -18,16 +18,14 @@ from app.errors import FALLBACK_ERRORS, ApiError, InvalidRequest, NoRecommendati
 from app.http import schemas
 from app.http.params import PredictionArgs, PropertiesArgs, RecommendationArgs, RecommendationListArgs
 from app.http.routes import route
+from app.http.trace import RequestTrace
 from app.lookup import Lookup
-from app.observability import RequestTrace
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1/<any(users, devices):kind>/<id>")
 
 
 def _lookup(trace: RequestTrace, query: ProfileQuery) -> Lookup:
-    if trace.deadline is None:  # answered at the edge (app.http.edge): this process's cache or nothing
-        return trace.extensions.profiles.cached(query, trace)
-    return trace.extensions.profiles.lookup(query, trace.deadline, trace)
+    return trace.extensions.profile_lookup.lookup(query, trace.deadline, trace)
 
 
 def _respond(body: dict[str, Any], lookup: Lookup | None) -> Response:
@@ -81,7 +79,7 @@ def _recommendations(
     trace: RequestTrace, rec_ids: tuple[str, ...], args: Mapping[str, Any]
 ) -> tuple[dict[str, dict[str, Any]], Lookup | None]:
     """Each requested recommendation, or its fallback when ``default`` was given."""
-    query = trace.extensions.planner.recommendations(trace.identity, rec_ids, args.get("rec_type"))
+    query = trace.extensions.planner.recommendations(trace.subject, rec_ids, args.get("rec_type"))
     default, limit = args.get("default"), args.get("limit")
     try:
         lookup = _lookup(trace, query)
@@ -107,7 +105,7 @@ def _recommendations(
 )  # fmt: skip
 def recommendation(trace: RequestTrace, args: Mapping[str, Any], rec_id: str) -> Response:
     shaped, lookup = _recommendations(trace, (rec_id,), args)
-    return _respond({trace.identity.id_field: trace.identity.value, **shaped[rec_id]}, lookup)
+    return _respond({trace.subject.id_field: trace.subject.value, **shaped[rec_id]}, lookup)
 
 
 @route(
@@ -122,7 +120,7 @@ def recommendations(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     shaped, lookup = _recommendations(trace, tuple(rec_ids), args)
     if lookup is not None and all(rec["fallback"] for rec in shaped.values()):
         lookup = None
-    return _respond({trace.identity.id_field: trace.identity.value, "recommendations": shaped}, lookup)
+    return _respond({trace.subject.id_field: trace.subject.value, "recommendations": shaped}, lookup)
 
 
 @route(
@@ -131,36 +129,36 @@ def recommendations(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
 )  # fmt: skip
 def properties(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     keys = args.get("keys")
-    lookup = _lookup(trace, trace.extensions.planner.profile(trace.identity))
+    lookup = _lookup(trace, trace.extensions.planner.profile(trace.subject))
     props = lookup.profile["properties"]
     if keys is not None:
         props = {key: props.get(key) for key in keys}
-    return _respond({trace.identity.id_field: trace.identity.value, "properties": props}, lookup)
+    return _respond({trace.subject.id_field: trace.subject.value, "properties": props}, lookup)
 
 
 @route(v1, "/properties/<name>", summary="One property", response=schemas.PropertyResponse)
 def property_value(trace: RequestTrace, args: Mapping[str, Any], name: str) -> Response:
     """`value` is null when the user lacks it."""
-    lookup = _lookup(trace, trace.extensions.planner.profile(trace.identity))
+    lookup = _lookup(trace, trace.extensions.planner.profile(trace.subject))
     value = lookup.profile["properties"].get(name)
-    return _respond({trace.identity.id_field: trace.identity.value, "name": name, "value": value}, lookup)
+    return _respond({trace.subject.id_field: trace.subject.value, "name": name, "value": value}, lookup)
 
 
 @route(v1, "/cohorts", summary="Cohorts", response=schemas.CohortsResponse)
 def cohorts(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     """Ids of the tracked cohorts the user is in."""
-    lookup = _lookup(trace, trace.extensions.planner.profile(trace.identity))
+    lookup = _lookup(trace, trace.extensions.planner.profile(trace.subject))
     cohort_ids = lookup.profile["cohort_ids"]
-    body = {trace.identity.id_field: trace.identity.value, "cohort_ids": cohort_ids, "count": len(cohort_ids)}
+    body = {trace.subject.id_field: trace.subject.value, "cohort_ids": cohort_ids, "count": len(cohort_ids)}
     return _respond(body, lookup)
 
 
 @route(v1, "/cohorts/<cohort_id>", summary="Cohort membership", response=schemas.CohortMembershipResponse)
 def cohort_membership(trace: RequestTrace, args: Mapping[str, Any], cohort_id: str) -> Response:
     """Whether the user is in it."""
-    lookup = _lookup(trace, trace.extensions.planner.profile(trace.identity))
+    lookup = _lookup(trace, trace.extensions.planner.profile(trace.subject))
     member = cohort_id in lookup.profile["cohort_ids"]
-    return _respond({trace.identity.id_field: trace.identity.value, "cohort_id": cohort_id, "member": member}, lookup)
+    return _respond({trace.subject.id_field: trace.subject.value, "cohort_id": cohort_id, "member": member}, lookup)
 
 
 @route(
@@ -170,10 +168,10 @@ def prediction(trace: RequestTrace, args: Mapping[str, Any], prediction_id: str)
     """A prediction's score or percentile."""
     planner = trace.extensions.planner
     propensity_type = args.get("type") or planner.propensity_type
-    lookup = _lookup(trace, planner.prediction(trace.identity, prediction_id, propensity_type))
+    lookup = _lookup(trace, planner.prediction(trace.subject, prediction_id, propensity_type))
     value = lookup.profile["predictions"].get(prediction_id)
     body = {
-        trace.identity.id_field: trace.identity.value,
+        trace.subject.id_field: trace.subject.value,
         "prediction_id": prediction_id,
         "type": propensity_type,
         "value": value,
@@ -185,10 +183,10 @@ def prediction(trace: RequestTrace, args: Mapping[str, Any], prediction_id: str)
 def profile(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     """Everything kept for the user, in one object."""
     planner = trace.extensions.planner
-    lookup = _lookup(trace, planner.whole(trace.identity))
+    lookup = _lookup(trace, planner.whole(trace.subject))
     data = lookup.profile
     recs = data["recommendations"] or {}
-    ids = {"user_id": data["user_id"], "device_id": data["device_id"], trace.identity.id_field: trace.identity.value}
+    ids = {"user_id": data["user_id"], "device_id": data["device_id"], trace.subject.id_field: trace.subject.value}
     body = {
         **ids,
         "properties": data["properties"],

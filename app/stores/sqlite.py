@@ -8,9 +8,14 @@ What Redis gives the Redis tier, this gives the processes of one machine:
   publish or an abandon is one ``INSERT`` into a view whose trigger does its writes, see
   :mod:`app.stores.sqlite_schema`), or for admission, which decides in Python, one
   ``BEGIN IMMEDIATE`` transaction (:mod:`app.stores.sqlite_admission`). Within a process
-  one thread at a time writes (a lock in front of one connection), so the processes, not
-  dozens of threads, take turns at the file. Reads are one ``SELECT`` each: WAL mode
-  gives them a snapshot without waiting for the writer.
+  one request at a time writes (a lock in front of one connection), so the processes, not
+  dozens of requests, take turns at the file. Reads are one ``SELECT`` each, on a
+  connection borrowed from a small pool: WAL mode gives them a snapshot without waiting
+  for the writer.
+- **Never stalling the worker.** Under the gevent worker a call that waited for the file's
+  lock would stall every request of the process, cached answers included: each call runs
+  at once without waiting, and only if the file is busy waits on a pool thread
+  (:mod:`app.stores.sqlite_calls`).
 - **One clock.** Expiry and the admission log use wall time (``clock.time()``; for
   admission read with the lock held, so the log's stamps follow the order of its
   writes), which every process on one machine shares, as every client of a Redis shares
@@ -37,9 +42,11 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from app.blocking import offload
 from app.clock import SYSTEM_CLOCK, Clock, Deadline
 from app.stores.shared import AdmitReply, AdmitRequest, ClaimReply, SharedUnavailable
 from app.stores.sqlite_admission import admit
+from app.stores.sqlite_calls import SqliteHandle
 from app.stores.sqlite_schema import connect, initialise
 
 log = logging.getLogger(__name__)
@@ -81,9 +88,9 @@ class SqliteShared:
         self._clock = clock
         self._now = clock.monotonic
         self._writing = threading.Lock()
-        self._writer: sqlite3.Connection | None = None
-        self._readers = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._writer: SqliteHandle | None = None
+        self._readers: list[SqliteHandle] = []  # idle reading connections
+        self._connections: list[SqliteHandle] = []
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._healthy = True
@@ -130,29 +137,30 @@ class SqliteShared:
 
     # -- running operations --------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
-        db = connect(self.path, self.timeout)
+    def _open(self) -> SqliteHandle:
+        handle = SqliteHandle(offload(connect, self.path, self.timeout))
         with self._lock:
-            self._connections.append(db)
-        return db
+            self._connections.append(handle)
+        return handle
 
     def _read(self, query: Callable[[sqlite3.Connection, float], T], deadline: Deadline | None) -> T:
-        """Run *query* (one statement: its own snapshot) on this thread's connection."""
+        """Run *query* (one statement: its own snapshot) on a reading connection."""
         self._check()
         wait_ms = int((self.timeout if deadline is None else deadline.capped(self.timeout)) * 1000)
         if wait_ms <= 0:
             raise SharedUnavailable("no time left to read shared state")
+        with self._lock:
+            reader = self._readers.pop() if self._readers else None
         try:
-            db: sqlite3.Connection | None = getattr(self._readers, "db", None)
-            if db is None:
-                db = self._readers.db = self._open()
-                self._readers.wait_ms = int(self.timeout * 1000)
-            if self._readers.wait_ms != wait_ms:
-                db.execute(f"PRAGMA busy_timeout = {wait_ms:d}")
-                self._readers.wait_ms = wait_ms
-            result = query(db, self._clock.time())
+            if reader is None:
+                reader = self._open()
+            result = reader.run(lambda db: query(db, self._clock.time()), wait_ms)
         except sqlite3.Error as exc:
             raise self._failed(exc) from None
+        finally:
+            if reader is not None:
+                with self._lock:
+                    self._readers.append(reader)
         self._succeeded()
         return result
 
@@ -165,19 +173,11 @@ class SqliteShared:
             raise self._failed(TimeoutError("this process's writes are queued past the timeout"))
         try:
             self._check()  # the writer before this one may have found the file broken
-            db = self._writer
-            if db is None:
-                db = self._writer = self._open()
-            if not transaction:
-                result = operation(db, self._clock.time())
-            else:
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                    result = operation(db, self._clock.time())
-                    db.execute("COMMIT")
-                finally:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
+            writer = self._writer
+            if writer is None:
+                writer = self._writer = self._open()
+            clock = self._clock
+            result = writer.run(lambda db: _run_write(db, operation, transaction, clock), int(self.timeout * 1000))
         except sqlite3.Error as exc:
             self.writes_ok = False
             raise self._failed(exc) from None
@@ -250,12 +250,28 @@ class SqliteShared:
         self._closed = True
         with self._lock:
             connections, self._connections = self._connections, []
-        for db in connections:
+        for handle in connections:
             try:
-                db.close()
+                handle.close()
             except sqlite3.Error:
                 pass
 
 
 def _bytes(raw: object) -> bytes | None:
     return bytes(raw) if isinstance(raw, (bytes, memoryview)) else None
+
+
+def _run_write(
+    db: sqlite3.Connection, operation: Callable[[sqlite3.Connection, float], T], transaction: bool, clock: Clock
+) -> T:
+    """The operation, in a transaction of its own when asked (rolled back if it fails: safe to try again)."""
+    if not transaction:
+        return operation(db, clock.time())
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        result = operation(db, clock.time())
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+    return result

@@ -16,7 +16,7 @@ from app.core.freshness import Freshness
 from app.core.query import Identity, ProfileQuery
 from app.errors import RateLimited, UpstreamUnavailable, UserNotFound
 from app.lookup import HIT, MISS, STALE, ProfileLookup
-from app.observability import Metrics
+from app.metrics import Metrics
 from app.stores.profiles import ProfileStore
 from testkit.clock import FakeClock
 
