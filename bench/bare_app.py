@@ -1,14 +1,13 @@
 """The ceiling for this stack: a bare Flask app answering constant JSON of the service's size.
 
 Served by the service's own ``gunicorn.conf.py`` (``gunicorn -c gunicorn.conf.py
-bench.bare_app:app``), so worker class, threads, keep-alive and limits are the same and
-only the WSGI app differs. (The worker sends the service's data answers itself, without
-WSGI; this app has no edge to give it any, so every request here goes through WSGI.) It
-answers the service's routes with no authentication, no validation, no cache and no
-logging: one constant body per route kind, byte for byte the size of what the service
-answered for that route (the harness samples the service's answers and passes them in
-``BENCH_BARE_BODIES``, a JSON file mapping a route kind to a body). Without that file
-every route answers a constant ~600-byte object.
+bench.bare_app:app``) in the service's environment, behind its own front, so worker
+class, workers, threads, keep-alive and limits are the same and only the WSGI app
+differs. It answers the service's routes with no authentication, no validation, no
+cache and no logging: one constant body per route kind, byte for byte the size of what
+the service answered for that route (the harness samples the service's answers and
+passes them in ``BENCH_BARE_BODIES``, a JSON file mapping a route kind to a body).
+Without that file every route answers a constant ~600-byte object.
 """
 
 from __future__ import annotations

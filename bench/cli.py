@@ -14,7 +14,7 @@ from types import FrameType
 from typing import Any
 
 from bench import common, report
-from bench.options import SCENARIOS, Options
+from bench.options import SCENARIOS, WORKER_CLASSES, Options
 
 PLOT_NAME = "benchmark-latency.png"
 MARKDOWN_NAME = "benchmarks.md"
@@ -41,26 +41,50 @@ def _names(allowed: tuple[str, ...]) -> Any:
     return parse
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isupper():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark the service on 127.0.0.1: hit path, miss path, a Braze campaign, memory.",
+        description="Benchmark the service behind its nginx front on 127.0.0.1: first answers against bare "
+        "Flask, a stampede, the miss path, a Braze campaign, memory.",
     )
     p.add_argument("--quick", action="store_true", help="seconds per scenario, not minutes (indicative only)")
     p.add_argument("--only", type=_names(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--runs", type=int, help="runs per measured point; figures are medians (5; quick 1)")
-    p.add_argument("--duration", type=float, help="seconds per wrk run (10; quick 1)")
-    p.add_argument("--wrk-threads", type=int, help="wrk threads (2)")
-    g = p.add_argument_group("hit path")
-    g.add_argument("--connections", type=_ints, help="wrk connections for the hit path (16,64,256; quick 64,256)")
-    g.add_argument("--users", type=int, help="cached users in the hit-path mix (3000; quick 300)")
+    p.add_argument("--runs", type=int, help="run pairs per measured point; figures are medians (5; quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per wrk run (10; quick 2)")
+    p.add_argument("--wrk-threads", type=int, help="wrk threads per wrk process (2)")
+    g = p.add_argument_group("gunicorn (the same for the service and the bare app)")
     g.add_argument(
-        "--hit-targets",
-        type=_names(("service", "bare", "bare_2x16", "service_default")),
-        help="servers to measure (service,bare,bare_2x16,service_default; quick without service_default)",
+        "--worker-classes",
+        type=_names((*WORKER_CLASSES, "default")),
+        help="GUNICORN_WORKER_CLASS values to compare in first answers and the stampede "
+        "(gevent,gthread; 'default' leaves it to gunicorn.conf.py)",
     )
-    g.add_argument("--service-workers", type=int, help="WEB_CONCURRENCY for the service and the bare app (1)")
-    g.add_argument("--service-threads", type=int, help="GUNICORN_THREADS for the service and the bare app (32)")
+    g.add_argument("--gthread-threads", type=int, help="GUNICORN_THREADS under gthread (256)")
+    g.add_argument("--workers", type=int, help="WEB_CONCURRENCY (default: unset, gunicorn.conf.py's one per core)")
+    g.add_argument(
+        "--service-env",
+        type=_env_pair,
+        action="append",
+        metavar="NAME=VALUE",
+        help="add a setting to the service's environment in every scenario (repeatable; recorded in the report)",
+    )
+    g = p.add_argument_group("first answers")
+    g.add_argument("--connections", type=_ints, help="wrk connections for first answers (64)")
+    g.add_argument("--repeat-connections", type=int, help="wrk connections for the repeated-URL mix (64)")
+    g.add_argument("--users", type=int, help="cached users of the repeated-URL mix (3000; quick 300)")
+    g = p.add_argument_group("stampede")
+    g.add_argument("--stampede-hit-connections", type=int, help="connections asking for cached users (500)")
+    g.add_argument("--stampede-miss-connections", type=int, help="connections asking for cold users (500)")
+    g.add_argument("--stampede-latency-ms", type=float, help="simulator latency (300)")
+    g.add_argument("--stampede-runs", type=int, help="baseline and stampede pairs (3; quick 1)")
+    g.add_argument("--stampede-duration", type=float, help="seconds per stampede run (5; quick 2)")
     g = p.add_argument_group("miss path")
     g.add_argument("--miss-connections", type=_ints, help="wrk connections for the miss path (1,16; quick 16)")
     g.add_argument("--miss-latency-ms", type=float, help="simulator latency (100)")
@@ -100,15 +124,15 @@ def options_from(args: argparse.Namespace) -> Options:
     opts = Options.quick_defaults() if args.quick else Options()
     names = {f.name for f in fields(Options)}
     for name, value in vars(args).items():
-        if name in names and value is not None and name != "quick":
+        if name in names and value is not None and name not in ("quick", "service_env"):
             setattr(opts, name, value)
+    if args.service_env:
+        opts.service_env = dict(args.service_env)
     if args.no_docs:
         opts.write_docs = False
-    if opts.runs < 1 or opts.duration < 1:
-        raise SystemExit("--runs and --duration must be at least 1")
+    if opts.runs < 1 or opts.duration < 1 or opts.stampede_runs < 1 or opts.stampede_duration < 1:
+        raise SystemExit("--runs, --duration, --stampede-runs and --stampede-duration must be at least 1")
     opts.campaign_tags = max(1, min(5, opts.campaign_tags))
-    if "service" not in opts.hit_targets:  # every ratio is the service's
-        opts.hit_targets = ("service", *opts.hit_targets)
     return opts
 
 
@@ -117,17 +141,19 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def run_scenarios(opts: Options) -> tuple[dict[str, Any], dict[str, str]]:
-    from bench.scenarios import campaign, hit, memory, miss
+    from bench.scenarios import campaign, first, memory, miss, stampede
 
-    modules = {"hit": hit, "miss": miss, "campaign": campaign, "memory": memory}
+    modules = {"first": first, "stampede": stampede, "miss": miss, "campaign": campaign, "memory": memory}
     done: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for name in SCENARIOS:
         if name not in opts.only:
             continue
-        if name in ("hit", "miss") and not common.wrk_available():
-            errors[name] = "wrk is not installed (apt-get install wrk): scenario skipped"
-            common.log(errors[name])
+        missing = [tool for tool, present in (("wrk", common.wrk_available()), ("nginx", common.nginx_binary()))
+                   if not present and (name != "memory" or opts.memory_http_profiles)]  # fmt: skip
+        if name != "campaign" and "wrk" in missing or "nginx" in missing:
+            errors[name] = f"{' and '.join(missing)} not installed (make system-deps; apt-get install wrk): skipped"
+            common.log(f"scenario {name}: {errors[name]}")
             continue
         common.log(f"scenario {name}")
         for attempt in (1, 2):
@@ -152,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     opts = options_from(args)
     if args.from_json:
         stored: dict[str, Any] = json.loads(args.from_json.read_text())
-        report.ensure_spread(stored)
         opts.only = tuple(stored["scenarios"]) if stored["scenarios"] else opts.only
         write_docs(stored, opts)
         print_summary(stored)
@@ -165,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m bench", *(shlex.quote(a) for a in given)])
     common.log(f"logs in {common.LOG_DIR}")
+    machine = common.machine_info()  # before the load: its load average is the machine's own
     started = time.monotonic()
     interrupted = False
     scenarios: dict[str, Any] = {}
@@ -180,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     options["sim_nagle"] = common.SIM_NAGLE
     results: dict[str, Any] = {
         "command": command,
-        "machine": common.machine_info(),
+        "machine": machine,
         "options": options,
         "scenarios": scenarios,
         "errors": errors,
@@ -201,19 +227,23 @@ def write_docs(results: dict[str, Any], opts: Options) -> None:
     out_dir = opts.out_dir if opts.out_dir.is_absolute() else common.ROOT / opts.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = out_dir / MARKDOWN_NAME
+    previous = report.load_previous(markdown)
     merged = dict(results)
+    # The old repeated-URL headline, carried from report to report for comparison.
+    merged["reference"] = results.get("reference") or report.reference_from(previous)
     if set(opts.only) != set(SCENARIOS):
         # A partial run: the scenarios not run keep their previous figures (each dated).
-        previous = report.load_previous(markdown).get("scenarios", {})
-        merged["scenarios"] = {**previous, **results["scenarios"]}
+        kept = {name: value for name, value in previous.get("scenarios", {}).items() if name in SCENARIOS}
+        merged["scenarios"] = {**kept, **results["scenarios"]}
+    plotted = ("first", "stampede")
     plot_name = None
-    if "hit" in merged["scenarios"] and "hit" in results["scenarios"]:
-        problem = report.plot(merged["scenarios"]["hit"], out_dir / PLOT_NAME)
+    if any(name in results["scenarios"] for name in plotted):
+        problem = report.plot(merged["scenarios"], out_dir / PLOT_NAME)
         if problem:
             common.log(problem)
         else:
             plot_name = PLOT_NAME
-    elif "hit" in merged["scenarios"] and (out_dir / PLOT_NAME).exists():
+    elif any(name in merged["scenarios"] for name in plotted) and (out_dir / PLOT_NAME).exists():
         plot_name = PLOT_NAME
     markdown.write_text(report.render(merged, plot_name))
     common.log(f"wrote {markdown}" + (f" and {out_dir / PLOT_NAME}" if plot_name else ""))

@@ -1,23 +1,28 @@
-"""Processes, ports, wrk and small statistics shared by every scenario.
+"""Processes, servers behind their front, wrk and small statistics shared by every scenario.
 
 Every process the harness starts goes through :func:`spawn`: it runs in a session (and
 process group) of its own, is registered here, and :func:`stop_all` (called from the
-CLI's ``finally`` and at exit) terminates each group, then kills what is left.
+CLI's ``finally`` and at exit) terminates each group, then kills what is left; the
+fronts' working directories are removed at exit too.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
 import re
+import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from testkit.processes import Proc, free_port, stop_all  # noqa: F401 - stop_all
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_SCRIPT = BENCH_DIR / "wrk" / "paths.lua"
+RENDER_FRONT = ROOT / "deploy" / "nginx" / "render.py"
 PYTHON = sys.executable
 
 SIM_SECRET = "bench-sim-secret-key"
@@ -40,13 +46,41 @@ PROFILE_REC_IDS = "rec_home,rec_email"
 PROFILE_PREDICTION_IDS = "pred_churn"
 #: "Out of the way": the highest value the service's settings accept.
 UNLIMITED = 1_000_000_000
+#: What a caller gets before Braze gives up on it.
+BRAZE_TIMEOUT_S = 2.0
+
+#: The shipped production settings (deploy/k8s/configmap.yaml and scripts/run-prod.sh): the
+#: front is the one trusted proxy, and the allowlist names the load generator's range (the
+#: configmap names Braze's; here every caller is on 127.0.0.1).
+PRODUCTION_SETTINGS = {
+    "TRUSTED_PROXY_COUNT": "1",
+    "FORWARDED_ALLOW_IPS": "127.0.0.1",
+    "ALLOWED_CIDRS": "127.0.0.0/8",
+}
+
+#: Variables of the caller's environment that would choose the servers' configuration:
+#: never inherited (the service's own settings are added from its schema at run time).
+INHERITED_NEVER = (
+    "WEB_CONCURRENCY",
+    "GUNICORN_CMD_ARGS",
+    "GUNICORN_WORKER_CLASS",
+    "GUNICORN_THREADS",
+    "GUNICORN_WORKER_CONNECTIONS",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "REDIS_URL",
+    "SHARED_STATE_PATH",
+    "UPSTREAM_BUDGET_SHARES",
+    "BENCH_BARE_BODIES",
+)
 
 #: Where subprocess logs go; kept for the run so a failure can be inspected.
 LOG_DIR = Path(tempfile.mkdtemp(prefix="bench-logs-"))
 
-
 #: ``--keep-logs``: keep subprocesses' stdout too (the service's JSON access log: large).
 KEEP_LOGS = bool(os.environ.get("BENCH_KEEP_LOGS"))
+
+#: ``--sim-nagle``: run the stock simulator (see :mod:`bench.sim_nodelay`).
+SIM_NAGLE = bool(os.environ.get("BENCH_SIM_NAGLE"))
 
 
 class BenchError(processes.ProcessError):
@@ -60,14 +94,21 @@ def log(message: str) -> None:
 # -- processes (shared with the test suite: testkit.processes) ------------------------------
 
 
-def spawn(name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, exact_env: bool = False) -> Proc:
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    exact_env: bool = False,
+    keep_stdout: bool | None = None,
+) -> Proc:
     """Start *argv* in its own process group, stderr to a log file in LOG_DIR.
 
     stdout carries the service's JSON access log: discarded unless ``--keep-logs``, as a
     log shipper would take it away (its formatting cost is still paid).
     """
-    log_path = LOG_DIR / f"{name}-{int(time.time() * 1000)}.log"
-    return processes.spawn(name, argv, log_path, env, exact_env=exact_env, keep_stdout=KEEP_LOGS)
+    log_path = LOG_DIR / f"{name}-{time.time_ns() // 1000}.log"
+    keep = KEEP_LOGS if keep_stdout is None else keep_stdout
+    return processes.spawn(name, argv, log_path, env, exact_env=exact_env, keep_stdout=keep)
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
@@ -76,6 +117,16 @@ def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
         processes.wait_http(url, proc, timeout)
     except processes.ProcessError as exc:
         raise BenchError(str(exc)) from None
+
+
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards *wanted* (children inherit it); the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return int(soft)
 
 
 # -- the simulator -----------------------------------------------------------------------
@@ -106,9 +157,17 @@ class Simulator:
     def configure(self, **settings: Any) -> None:
         self._post("/_sim/config", settings)
 
-
-#: ``--sim-nagle``: run the stock simulator (see :mod:`bench.sim_nodelay`).
-SIM_NAGLE = bool(os.environ.get("BENCH_SIM_NAGLE"))
+    @contextmanager
+    def latency(self, latency_ms: float) -> Iterator[None]:
+        """Answer after *latency_ms* inside the block, then as before."""
+        response = requests.get(self.url + "/_sim/config", timeout=30)
+        response.raise_for_status()
+        before = response.json()["latency_ms"]
+        self.configure(latency_ms=latency_ms)
+        try:
+            yield
+        finally:
+            self.configure(latency_ms=before)
 
 
 def start_simulator(rate_limit: int | None = None, latency_ms: float = 0) -> Simulator:
@@ -135,28 +194,88 @@ def start_simulator(rate_limit: int | None = None, latency_ms: float = 0) -> Sim
     return Simulator(proc, url)
 
 
-# -- gunicorn: the service and the bare app ------------------------------------------------
+# -- gunicorn behind its front: the service and the bare app ---------------------------------
+
+
+@dataclass(frozen=True)
+class GunicornConfig:
+    """What ``gunicorn.conf.py`` chose for one environment (``gunicorn --print-config``)."""
+
+    worker_class: str
+    workers: int
+    threads: int
+    worker_connections: int
+
+    @property
+    def kind(self) -> str:
+        """``gevent``, ``gthread`` (a subclass of gthread too) or the class as configured."""
+        name = self.worker_class.lower()
+        return "gevent" if "gevent" in name else "gthread" if "thread" in name else self.worker_class
+
+    @property
+    def shape(self) -> str:
+        """E.g. ``gevent, 2 workers`` or ``gthread, 2 workers x 256 threads``."""
+        workers = f"{self.workers} worker{'s' if self.workers != 1 else ''}"
+        return f"{self.kind}, {workers}" + (f" x {self.threads} threads" if self.kind == "gthread" else "")
+
+
+def gunicorn_config(env: Mapping[str, str], app_uri: str | None = None, flags: Sequence[str] = ()) -> GunicornConfig:
+    """The settings ``gunicorn -c gunicorn.conf.py`` takes in *env* (the whole environment)."""
+    argv = [
+        PYTHON,
+        "-m",
+        "gunicorn",
+        "--print-config",
+        "-c",
+        "gunicorn.conf.py",
+        *flags,
+        *([app_uri] if app_uri else []),
+    ]
+    completed = subprocess.run(argv, cwd=ROOT, env=dict(env), capture_output=True, text=True, timeout=60)
+    values = dict(re.findall(r"^(\w+)\s+=\s+(.*)$", completed.stdout, re.M))
+    try:
+        return GunicornConfig(
+            values["worker_class"].strip(),
+            int(values["workers"]),
+            int(values["threads"]),
+            int(values["worker_connections"]),
+        )
+    except (KeyError, ValueError):
+        raise BenchError(f"gunicorn --print-config gave no settings:\n{completed.stderr[-2000:]}") from None
 
 
 @dataclass
 class Server:
+    """gunicorn (``gunicorn.conf.py``) on loopback, with its own nginx front (``deploy/nginx``)."""
+
     name: str
     proc: Proc
-    url: str
-    workers: int
-    threads: int
+    front: Proc
+    url: str  # the front: what every load generator calls
+    backend_url: str
+    config: GunicornConfig
+    flags: tuple[str, ...]
+    front_dir: Path
     env: dict[str, str] = field(repr=False)
 
     def worker_pids(self) -> list[int]:
         return child_pids(self.proc.pid)
 
     def stop(self) -> None:
+        self.front.stop()
         self.proc.stop()
+        shutil.rmtree(self.front_dir, ignore_errors=True)
 
     def check_alive(self) -> None:
-        """Raise :class:`BenchError` if the server died (or was killed from outside) under load."""
-        if not self.proc.alive():
-            raise BenchError(f"{self.name} exited during the run:\n{self.proc.log_tail()}")
+        """Raise :class:`BenchError` if the server or its front died (or was killed) under load."""
+        for proc in (self.proc, self.front):
+            if not proc.alive():
+                raise BenchError(f"{self.name}: {proc.name} exited during the run:\n{proc.log_tail()}")
+
+    def limit_errors(self) -> list[str]:
+        """Lines of the front's or gunicorn's log saying one of their own limits was reached."""
+        lines = self.front.logs().splitlines() + self.proc.logs().splitlines()
+        return [line for line in lines if LIMIT_MESSAGES.search(line)]
 
     def probe(self, path: str, auth: str = CALLER_AUTH) -> str:
         """One request's status and the start of its body: what a run's errors were."""
@@ -167,8 +286,29 @@ class Server:
         return f"HTTP {response.status_code} {response.text[:200]}"
 
 
-def service_env(sim: Simulator, upstream_limit: int, workers: int, threads: int, **extra: str) -> dict[str, str]:
-    """The service's environment as the brief gives it; *extra* adds or overrides."""
+def settings_names() -> set[str]:
+    """Every environment variable the service reads (its settings schema), where it can say."""
+    try:
+        from app.settings import SettingsSchema
+
+        return {name for name in SettingsSchema().fields if name.isupper()}
+    except Exception:  # noqa: BLE001 - a checkout whose app does not import: the fixed list still applies
+        return set()
+
+
+def service_env(
+    sim: Simulator,
+    upstream_limit: int,
+    worker_class: str | None = None,
+    threads: int | None = None,
+    workers: int | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The service's environment: production settings, this simulator, the given gunicorn knobs.
+
+    A knob left ``None`` is unset, so ``gunicorn.conf.py`` chooses (workers: one per core).
+    *extra* adds or overrides variables; an empty value unsets one.
+    """
     env = {
         "AMPLITUDE_SECRET_KEY": SIM_SECRET,
         "AMPLITUDE_API_URL": sim.url,
@@ -177,63 +317,126 @@ def service_env(sim: Simulator, upstream_limit: int, workers: int, threads: int,
         "PROFILE_REC_IDS": PROFILE_REC_IDS,
         "PROFILE_PREDICTION_IDS": PROFILE_PREDICTION_IDS,
         "UPSTREAM_RATE_LIMIT_PER_MINUTE": str(upstream_limit),
-        "HOST": "127.0.0.1",
-        "WEB_CONCURRENCY": str(workers),
-        "GUNICORN_THREADS": str(threads),
+        **PRODUCTION_SETTINGS,
+        "GUNICORN_WORKER_CLASS": worker_class or "",
+        "GUNICORN_THREADS": str(threads) if threads else "",
+        "WEB_CONCURRENCY": str(workers) if workers else "",
     }
-    # Never let the caller's environment choose the tier or the metrics directory.
-    for name in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "UPSTREAM_BUDGET_SHARES"):
-        env[name] = ""
-    env.update(extra)
+    env.update(extra or {})
     return env
 
 
-def start_gunicorn(name: str, env: Mapping[str, str], app_uri: str | None = None, workers: int | None = None) -> Server:
-    """``gunicorn -c gunicorn.conf.py [APP]`` from the repository root, on a free port.
+def _whole_env(env: Mapping[str, str], port: int) -> dict[str, str]:
+    """This process's environment without anything that would configure the server, plus *env*."""
+    dropped = set(INHERITED_NEVER) | settings_names()
+    whole = {key: value for key, value in os.environ.items() if key not in dropped}
+    whole.update({key: value for key, value in env.items() if value != ""})
+    whole.update({"HOST": "127.0.0.1", "PORT": str(port)})
+    return whole
 
-    With *app_uri* (the bare app) the service's own gunicorn.conf.py is still used, so
-    worker class, keep-alive, backlog and limits are identical; only the WSGI app differs.
+
+_FRONT_ROOT: Path | None = None
+
+
+def _front_root() -> Path:
+    """One directory for every front's prefix, readable by nginx's workers (another user under root)."""
+    global _FRONT_ROOT
+    if _FRONT_ROOT is None:
+        _FRONT_ROOT = Path(tempfile.mkdtemp(prefix="bench-front-"))
+        _FRONT_ROOT.chmod(0o755)
+        atexit.register(shutil.rmtree, _FRONT_ROOT, True)
+    return _FRONT_ROOT
+
+
+def nginx_binary() -> str | None:
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+
+
+def start_front(name: str, backend_port: int) -> tuple[Proc, str, Path]:
+    """nginx rendered by ``deploy/nginx/render.py`` as ``scripts/run-prod.sh`` does it, before *backend_port*."""
+    nginx = nginx_binary()
+    if nginx is None:
+        raise BenchError("nginx is not installed (make system-deps: nginx-light)")
+    prefix = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_front_root()))
+    prefix.chmod(0o755)
+    port = free_port()
+    render = [
+        PYTHON,
+        str(RENDER_FRONT),
+        "--prefix",
+        str(prefix),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{backend_port}",
+        "--error-log",
+        "/dev/stderr",
+    ]
+    front_env = {key: value for key, value in os.environ.items() if not key.startswith("FRONT_")}
+    completed = subprocess.run(render, cwd=ROOT, env=front_env, capture_output=True, text=True, timeout=30)
+    if completed.returncode != 0:
+        raise BenchError(f"deploy/nginx/render.py failed:\n{completed.stderr[-2000:]}")
+    proc = spawn(f"{name}-front", [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "/dev/stderr"])
+    url = f"http://127.0.0.1:{port}"
+    return proc, url, prefix
+
+
+def start_server(
+    name: str, env: Mapping[str, str], app_uri: str | None = None, min_worker_connections: int = 0
+) -> Server:
+    """``gunicorn -c gunicorn.conf.py [APP]`` on loopback, then its front; both answering.
+
+    The bare app runs under the same gunicorn.conf.py, so worker class, workers, threads,
+    keep-alive and limits are the service's. With *min_worker_connections*, gunicorn's
+    ``worker_connections`` is raised to at least that (the same flag for every server of
+    a scenario), so gunicorn's own cap is not what a scenario measures.
     """
     port = free_port()
-    full_env = dict(env)
-    full_env["PORT"] = str(port)
-    # Empty values mean "unset" for these (gunicorn.conf.py uses os.environ.get / setdefault).
-    unset = [key for key, value in full_env.items() if value == ""]
-    argv = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", *_gunicorn_extra_flags()]
-    if app_uri:
-        argv.append(app_uri)
-    base = {key: value for key, value in os.environ.items() if key not in unset}
-    base.update({key: value for key, value in full_env.items() if value != ""})
-    proc = spawn(name, argv, base, exact_env=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz", proc)
-    # What gunicorn.conf.py chose, as its master logs it at start (the defaults depend on the cores).
-    chosen = re.search(r"(\d+) workers? x (\d+) threads", proc.logs())
-    if chosen:
-        workers, threads = int(chosen.group(1)), int(chosen.group(2))
-    else:
-        workers = workers or int(full_env.get("WEB_CONCURRENCY") or 1)
-        threads = int(full_env.get("GUNICORN_THREADS") or 32)
-    # Every worker must be up before load starts (the first /healthz proves only one).
-    deadline = time.monotonic() + 20
-    while len(child_pids(proc.pid)) < workers and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return Server(name, proc, url, workers, threads, full_env)
+    whole = _whole_env(env, port)
+    config = gunicorn_config(whole, app_uri)
+    flags: tuple[str, ...] = ()
+    if config.worker_connections < min_worker_connections:
+        flags = ("--worker-connections", str(min_worker_connections))
+        config = gunicorn_config(whole, app_uri, flags)
+    argv = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", *flags, *([app_uri] if app_uri else [])]
+    proc = spawn(name, argv, whole, exact_env=True)
+    backend_url = f"http://127.0.0.1:{port}"
+    front = None
+    try:
+        wait_http(backend_url + "/healthz", proc)
+        # Every worker must be up before load starts (the first /healthz proves only one).
+        deadline = time.monotonic() + 30
+        while len(child_pids(proc.pid)) < config.workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+        front, url, front_dir = start_front(name, port)
+        wait_http(url + "/healthz", front)
+    except BaseException:
+        if front is not None:
+            front.stop()
+        proc.stop()
+        raise
+    return Server(name, proc, front, url, backend_url, config, flags, front_dir, dict(env))
 
 
-_EXTRA_FLAGS: list[str] | None = None
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (machine-wide)."""
+    try:
+        with open("/proc/net/netstat") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            counters = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(counters.get("ListenOverflows", 0)) + int(counters.get("ListenDrops", 0))
+    return 0
 
 
-def _gunicorn_extra_flags() -> list[str]:
-    """``--no-control-socket`` where gunicorn has one (23+): several masters must not share
-    one control socket path, and the user's own socket must not be clobbered."""
-    global _EXTRA_FLAGS
-    if _EXTRA_FLAGS is None:
-        help_text = subprocess.run(
-            [PYTHON, "-m", "gunicorn", "--help"], capture_output=True, text=True, timeout=30, cwd=ROOT
-        ).stdout
-        _EXTRA_FLAGS = ["--no-control-socket"] if "--no-control-socket" in help_text else []
-    return _EXTRA_FLAGS
+#: What nginx (or gunicorn) logs when one of its own limits, not the service, refused a connection.
+LIMIT_MESSAGES = re.compile(r"worker_connections are not enough|Too many open files|accept4?\(\) failed")
 
 
 def child_pids(pid: int) -> list[int]:
@@ -245,17 +448,7 @@ def child_pids(pid: int) -> list[int]:
                 children += [int(x) for x in handle.read().split()]
         return sorted(set(children))
     except OSError:
-        pass
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    stat = handle.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry))
-    return sorted(children)
+        return sorted(processes.children(pid))
 
 
 def rss_bytes(pid: int) -> int:
@@ -287,6 +480,12 @@ class WrkResult:
     bytes: int
     errors: dict[str, int]
     latency_us: dict[str, float]
+    #: "STATUS X-CACHE" -> answers, when counted (``statuses=True``, and in ``once`` mode).
+    statuses: dict[str, int] = field(default_factory=dict)
+    #: Requests sent after a ``sequential`` list wrapped: URLs sent a second time.
+    repeated: int = 0
+    #: Answers slower than ``slow_ms`` (estimated from the percentiles).
+    slow: int = 0
 
     @property
     def rps(self) -> float:
@@ -296,6 +495,14 @@ class WrkResult:
     def error_count(self) -> int:
         """Socket errors and timeouts plus non-2XX/3XX answers."""
         return sum(self.errors.values())
+
+    def by_status(self) -> dict[str, int]:
+        """Answers by HTTP status alone."""
+        counts: dict[str, int] = {}
+        for key, n in self.statuses.items():
+            status = key.split(" ", 1)[0]
+            counts[status] = counts.get(status, 0) + n
+        return counts
 
     def ms(self, name: str) -> float:
         return self.latency_us[name] / 1000.0
@@ -313,56 +520,111 @@ def write_paths(lines: Iterable[str], name: str) -> Path:
     return path
 
 
-def run_wrk(
-    base_url: str,
-    paths_file: Path,
-    connections: int,
-    duration: float,
-    *,
-    mode: str = "random",
-    header: tuple[str, str] = ("Authorization", CALLER_AUTH),
-    threads: int = 2,
-    timeout_s: float = 2.0,
-) -> WrkResult:
-    """Drive *base_url* with wrk over the paths in *paths_file* (``random`` or ``sequential``).
+class WrkRun:
+    """One wrk process (registered like every child), started now and read by :meth:`result`."""
 
-    ``timeout_s`` is wrk's per-request timeout: 2 s, what Braze gives an endpoint.
-    """
-    if not wrk_available():
-        raise BenchError("wrk is not installed (apt-get install wrk)")
-    threads = max(1, min(threads, connections))
-    argv = [
-        "wrk",
-        "-t",
-        str(threads),
-        "-c",
-        str(connections),
-        "-d",
-        f"{max(1, round(duration))}s",
-        "--timeout",
-        f"{max(1, round(timeout_s))}s",
-        "-s",
-        str(WRK_SCRIPT),
-        base_url,
-        "--",
-        str(paths_file),
-        mode,
-        str(threads),
-        header[0],
-        header[1],
-    ]
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, cwd=ROOT)
-    for line in completed.stdout.splitlines():
-        if line.startswith("BENCH_JSON "):
-            data = json.loads(line[len("BENCH_JSON ") :])
-            return WrkResult(
-                requests=int(data["requests"]),
-                duration_s=data["duration_us"] / 1e6,
-                bytes=int(data["bytes"]),
-                errors={k: int(v) for k, v in data["errors"].items()},
-                latency_us={k: float(v) for k, v in data["latency"].items()},
-            )
-    raise BenchError(f"wrk gave no result (exit {completed.returncode}):\n{completed.stdout}\n{completed.stderr}")
+    def __init__(
+        self,
+        base_url: str,
+        paths_file: Path,
+        connections: int,
+        duration: float,
+        *,
+        mode: str = "random",
+        header: tuple[str, str] = ("Authorization", CALLER_AUTH),
+        threads: int = 2,
+        timeout_s: float = BRAZE_TIMEOUT_S,
+        statuses: bool = False,
+        slow_ms: float | None = None,
+        prefix: str | None = None,
+        name: str = "wrk",
+    ) -> None:
+        """``timeout_s`` is wrk's per-request timeout (an answer slower counts as a timeout, not
+        a latency): 2 s by default, what Braze gives an endpoint."""
+        if not wrk_available():
+            raise BenchError("wrk is not installed (apt-get install wrk)")
+        threads = max(1, min(threads, connections))
+        self.duration = max(1, round(duration))
+        self.done_dir: Path | None = None
+        env = {"BENCH_WRK_STATUSES": "1" if statuses else "0"}
+        if slow_ms is not None:
+            env["BENCH_WRK_SLOW_MS"] = str(slow_ms)
+        if prefix is not None:
+            env["BENCH_WRK_PREFIX"] = prefix
+        if mode == "once":
+            self.done_dir = Path(tempfile.mkdtemp(prefix="once-", dir=LOG_DIR))
+            env["BENCH_WRK_DONE_DIR"] = str(self.done_dir)
+        self.threads = threads
+        argv = [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{self.duration}s",
+            "--timeout",
+            f"{max(1, round(timeout_s))}s",
+            "-s",
+            str(WRK_SCRIPT),
+            base_url,
+            "--",
+            str(paths_file),
+            mode,
+            str(threads),
+            header[0],
+            header[1],
+        ]
+        self.proc = spawn(name, argv, env, keep_stdout=True)
+
+    def finished_lines(self) -> bool:
+        """``once`` mode: every thread has had all its lines answered."""
+        return self.done_dir is not None and len(os.listdir(self.done_dir)) >= self.threads
+
+    def result(self, until: Callable[[], bool] | None = None) -> WrkResult:
+        """Wait for wrk (its duration, plus a margin); with *until*, stop it (SIGINT: it still
+        reports) as soon as that is true. ``once`` mode stops when every line is answered."""
+        if until is None and self.done_dir is not None:
+            until = self.finished_lines
+        deadline = time.monotonic() + self.duration + 30
+        stopped = False
+        while self.proc.alive() and time.monotonic() < deadline:
+            if until is not None and not stopped and until():
+                self.proc.popen.send_signal(signal.SIGINT)
+                stopped = True
+            time.sleep(0.05)
+        if self.proc.alive():
+            self.proc.popen.send_signal(signal.SIGINT)
+            try:
+                self.proc.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.stop()
+        output = self.proc.logs()
+        for line in output.splitlines():
+            if line.startswith("BENCH_JSON "):
+                data = json.loads(line[len("BENCH_JSON ") :])
+                return WrkResult(
+                    requests=int(data["requests"]),
+                    duration_s=data["duration_us"] / 1e6,
+                    bytes=int(data["bytes"]),
+                    errors={k: int(v) for k, v in data["errors"].items()},
+                    latency_us={k: float(v) for k, v in data["latency"].items()},
+                    statuses={k: int(v) for k, v in data.get("statuses", {}).items()},
+                    repeated=int(data.get("repeated", 0)),
+                    slow=int(data.get("slow", 0)),
+                )
+        raise BenchError(f"wrk gave no result (exit {self.proc.popen.returncode}):\n{output[-3000:]}")
+
+
+def run_wrk(base_url: str, paths_file: Path, connections: int, duration: float, **options: Any) -> WrkResult:
+    """Drive *base_url* with wrk over the paths in *paths_file*; see :class:`WrkRun`."""
+    return WrkRun(base_url, paths_file, connections, duration, **options).result()
+
+
+def run_once(base_url: str, paths_file: Path, connections: int, time_limit: float, **options: Any) -> WrkResult:
+    """Send every line of *paths_file* exactly once (bounded by *time_limit*); counts by status."""
+    return WrkRun(base_url, paths_file, connections, time_limit, mode="once", **options).result()
 
 
 # -- statistics and the machine -------------------------------------------------------------
@@ -381,6 +643,26 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return float(ordered[rank])
 
 
+def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """The median of run *i*'s ratio ours / theirs over the runs.
+
+    The runs of one round go back to back, so a drift of the machine between rounds (a
+    shared or virtual machine speeds up and slows down by tens of percent) cancels out
+    in each ratio; a ratio of two medians could set one round's run against another's.
+    """
+    pairs = [a / b for a, b in zip(ours, theirs, strict=True) if b]
+    return median(pairs) if pairs else float("nan")
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        completed = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "not installed"
+    lines = (completed.stdout + completed.stderr).splitlines()
+    return lines[0] if lines else "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -391,24 +673,35 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    try:
-        wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=5).stdout.splitlines()[0]
-        wrk_version = re.sub(r"\s+Copyright.*", "", wrk_version).strip()
-    except (OSError, IndexError, subprocess.SubprocessError):
-        wrk_version = "not installed"
-    try:
-        from importlib.metadata import version
+    wrk_version = re.sub(r"\s+Copyright.*", "", _first_line(["wrk", "-v"])).strip()
+    nginx = nginx_binary()
+    nginx_version = _first_line([nginx, "-v"]).replace("nginx version: ", "") if nginx else "not installed"
+    from importlib.metadata import PackageNotFoundError, version
 
-        libs = {name: version(name) for name in ("gunicorn", "flask", "werkzeug", "requests")}
-    except Exception:  # pragma: no cover - metadata is always there in the venv
-        libs = {}
+    libs = {}
+    for name in ("gunicorn", "gevent", "flask", "werkzeug", "requests"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            libs[name] = "not installed"
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory_gib = float("nan")
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "load_at_start": load,
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "kernel": platform.release(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wrk": wrk_version,
+        "nginx": nginx_version,
         "libs": libs,
     }

@@ -125,7 +125,9 @@ def main(argv: list[str]) -> None:
         "LOG_LEVEL": "WARNING",
     }
     app = create_app(environ=env)
-    cache = app.extensions["profile_proxy"].cache
+    extensions = app.extensions["profile_proxy"]
+    # ``profile_store`` since the serving layer's rework (issue 20), ``cache`` before it.
+    cache = extensions.profile_store if hasattr(extensions, "profile_store") else extensions.cache
     profile_for = profile_builder(rec_ids, prediction_ids)
 
     # Warm every code path once, then drop it, so first-use allocations are not counted.

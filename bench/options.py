@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCENARIOS = ("hit", "miss", "campaign", "memory")
+SCENARIOS = ("first", "stampede", "miss", "campaign", "memory")
+#: ``GUNICORN_WORKER_CLASS`` values compared side by side.
+WORKER_CLASSES = ("gevent", "gthread")
 
 
 @dataclass
@@ -18,12 +20,21 @@ class Options:
     out_dir: Path = Path("docs")
     json_path: Path | None = None
     write_docs: bool = True
-    # hit path
-    connections: tuple[int, ...] = (16, 64, 256)
-    users: int = 3000
-    hit_targets: tuple[str, ...] = ("service", "bare", "bare_2x16", "service_default")
-    service_workers: int = 1
-    service_threads: int = 32
+    # gunicorn (the same for the service and the bare app)
+    worker_classes: tuple[str, ...] = WORKER_CLASSES
+    gthread_threads: int = 256
+    workers: int | None = None  # WEB_CONCURRENCY; None: gunicorn.conf.py's default (one per core)
+    service_env: dict[str, str] = field(default_factory=dict)
+    # first answers (and the repeated-URL mix, measured beside them)
+    connections: tuple[int, ...] = (64,)
+    repeat_connections: int = 64
+    users: int = 3000  # cached users of the repeated-URL mix
+    # stampede
+    stampede_hit_connections: int = 500
+    stampede_miss_connections: int = 500
+    stampede_latency_ms: float = 300.0
+    stampede_runs: int = 3
+    stampede_duration: float = 5.0
     # miss path
     miss_connections: tuple[int, ...] = (1, 16)
     miss_latency_ms: float = 100.0
@@ -45,11 +56,11 @@ class Options:
         return cls(
             quick=True,
             runs=1,
-            duration=1.0,
-            connections=(64, 256),
-            hit_targets=("service", "bare", "bare_2x16"),
-            miss_connections=(16,),
+            duration=2.0,
             users=300,
+            stampede_runs=1,
+            stampede_duration=2.0,
+            miss_connections=(16,),
             campaign_recipients=400,
             campaign_seconds=5.0,
             campaign_rate_per_minute=500,

@@ -11,7 +11,8 @@ body. The sender behaves like Braze:
 - a 2 s timeout per call; a slower answer counts as a failure, as in Braze.
 
 The simulator enforces 600 requests/min and the service runs with
-``UPSTREAM_RATE_LIMIT_PER_MINUTE=600``. At 600/min a 20,000-recipient send of cold
+``UPSTREAM_RATE_LIMIT_PER_MINUTE=600``, in its default configuration (gunicorn.conf.py's
+worker class and workers, production settings) behind its front. At 600/min a 20,000-recipient send of cold
 users takes over half an hour, so the run is *scaled* (nothing is pre-warmed):
 
 - ``paced``: the operator sets Braze's delivery rate limit (``--campaign-rate``, 500
@@ -58,7 +59,7 @@ from bench.common import (
     log,
     percentile,
     service_env,
-    start_gunicorn,
+    start_server,
     start_simulator,
 )
 from bench.options import Options
@@ -287,14 +288,16 @@ def run(opts: Options) -> dict[str, Any]:
     recipients = population(opts.campaign_recipients)
     sim = start_simulator(rate_limit=UPSTREAM_LIMIT, latency_ms=opts.campaign_latency_ms)
     sends: list[dict[str, Any]] = []
+    shape = "?"
     try:
         for mode in opts.campaign_modes:
             for target in ("service", "direct"):
                 server: Server | None = None
                 try:
                     if target == "service":
-                        env = service_env(sim, UPSTREAM_LIMIT, opts.service_workers, opts.service_threads)
-                        server = start_gunicorn("service", env)
+                        env = service_env(sim, UPSTREAM_LIMIT, workers=opts.workers, extra=opts.service_env)
+                        server = start_server("service-campaign", env)
+                        shape = server.config.shape
                     # A fresh 60-second window and call log for every send.
                     sim.reset()
                     sim.configure(rate_limit_per_minute=UPSTREAM_LIMIT, latency_ms=opts.campaign_latency_ms)
@@ -317,6 +320,7 @@ def run(opts: Options) -> dict[str, Any]:
         sim.proc.stop()
     tags = TAGS[: max(1, min(opts.campaign_tags, len(TAGS)))]
     return {
+        "shape": shape,
         "population": len(recipients),
         "tags": [tag.name for tag in tags],
         "tag_paths": {tag.name: tag.service_path for tag in tags},

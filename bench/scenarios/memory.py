@@ -4,9 +4,10 @@
 fills its cache with ``--memory-profiles`` (100,000) realistic profiles through the
 service's own client and cache code; RSS from /proc before and after.
 
-``http`` (``--memory-http-profiles N``, off unless asked): a real gunicorn worker filled
-through the service's routes (each request a new user, the simulator unlimited);
-the worker's RSS before and after.
+``http`` (``--memory-http-profiles N``, off in ``--quick``): one gunicorn worker
+(``WEB_CONCURRENCY=1``, the default worker class, production settings, behind its
+front) filled through the service's routes (each request a new user, the simulator
+unlimited); the worker's RSS before and after.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ from bench.common import (
     rss_bytes,
     run_wrk,
     service_env,
-    start_gunicorn,
+    start_server,
     start_simulator,
     write_paths,
 )
 from bench.options import Options
 
-#: Connections filling the worker over HTTP (as many as its request threads), and the
-#: fresh profiles asked for at that concurrency before the baseline is read.
+#: Connections filling the worker over HTTP, and the fresh profiles asked for at that
+#: concurrency before the baseline is read.
 FILL_CONNECTIONS, WARM_PROFILES = 32, 500
 
 
@@ -82,12 +83,10 @@ def over_http(count: int, opts: Options) -> dict[str, Any]:
         env = service_env(
             sim,
             UNLIMITED,
-            1,
-            opts.service_threads,
-            CACHE_MAX_ENTRIES=str(max(count, 100_000)),
-            CACHE_TTL_SECONDS="3600",
+            workers=1,
+            extra={**opts.service_env, "CACHE_MAX_ENTRIES": str(max(count, 100_000)), "CACHE_TTL_SECONDS": "3600"},
         )
-        server = start_gunicorn("service-memory", env)
+        server = start_server("service-memory", env)
         (worker,) = server.worker_pids()
         # Every code path once (and connections opened) before the baseline, and every
         # request thread used, at the fill's concurrency: what a thread costs once (its

@@ -6,8 +6,9 @@ run by run:
 
 - ``direct``: straight to the simulator, exactly the request the service would make
   (same query parameters and ``Authorization: Api-Key`` header);
-- ``service``: through the service, a mix of its routes, each request for a user no
-  request has named before (wrk walks a list of fresh ids without repeating).
+- ``service``: through the service's front (production settings, the default worker
+  class and workers), a mix of its routes, each request for a user no request has named
+  before (wrk walks a list of fresh ids without repeating).
 
 Added latency = service percentile - direct percentile (medians over runs). The
 upstream call count during each service run must equal its requests (all cold).
@@ -30,12 +31,12 @@ from bench.common import (
     median,
     run_wrk,
     service_env,
-    start_gunicorn,
+    start_server,
     start_simulator,
     write_paths,
 )
 from bench.options import Options
-from bench.scenarios.hit import ROUTES
+from bench.traffic import ROUTES
 
 
 @functools.cache
@@ -74,9 +75,10 @@ def run(opts: Options) -> dict[str, Any]:
     service = None
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {}
     try:
-        # UPSTREAM_CONCURRENCY and the thread count stay at their defaults (32).
-        env = service_env(sim, UNLIMITED, opts.service_workers, opts.service_threads)
-        service = start_gunicorn("service", env)
+        # Everything but the limit as shipped: gunicorn.conf.py's worker class and workers.
+        env = service_env(sim, UNLIMITED, workers=opts.workers, extra=opts.service_env)
+        service = start_server("service-miss", env)
+        log(f"miss: the service runs {service.config.shape}")
         # Not measured: the first requests open the service's upstream connections.
         run_wrk(
             service.url,
@@ -149,6 +151,7 @@ def run(opts: Options) -> dict[str, Any]:
         row["calls_per_request"] = service_row["upstream_calls"] / requests_done if requests_done else 0.0
         summary[conns] = row
     return {
+        "shape": service.config.shape if service else "?",
         "latency_ms": opts.miss_latency_ms,
         "summary": summary,
         "runs": {str(k): v for k, v in runs.items()},
