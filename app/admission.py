@@ -22,8 +22,8 @@ from app.upstream import UpstreamThrottled
 
 log = logging.getLogger(__name__)
 
-#: Time a bulk caller keeps for the upstream call after waiting for its slot.
-BULK_CALL_ALLOWANCE_SECONDS = 0.5
+#: Time a caller keeps for the upstream call after waiting for its slot.
+CALL_ALLOWANCE_SECONDS = 0.5
 
 
 class Admission:
@@ -48,22 +48,22 @@ class Admission:
         self.bulk_callers = frozenset(bulk_callers)
 
     def _max_wait(self, deadline: Deadline | None, bulk: bool) -> float:
-        """How long a call may wait for its slot: live callers ``BUDGET_MAX_WAIT_SECONDS``;
-        bulk callers (who yield the reserve to live traffic, and are not in a hurry) as long as
-        leaves time for the call itself; background refreshes not at all."""
+        """How long a call may wait for its slot: as long as its deadline leaves time for the
+        call itself, live callers at most ``BUDGET_MAX_WAIT_SECONDS``; background refreshes
+        not at all. A live caller waits on its reservation; a bulk caller asks again whenever
+        the budget says it may (see :mod:`app.budget`)."""
         if deadline is None:
             return 0.0
-        if bulk:
-            return max(0.0, deadline.remaining() - BULK_CALL_ALLOWANCE_SECONDS)
-        return deadline.capped(self.max_wait)
+        room = max(0.0, deadline.remaining() - CALL_ALLOWANCE_SECONDS)
+        return room if bulk else min(room, self.max_wait)
 
     @contextmanager
     def slot(self, caller: str | None, deadline: Deadline | None) -> Iterator[float]:
-        """Admit one upstream call for *caller*, waiting for a token until *deadline* at most.
+        """Admit one upstream call for *caller*, waiting for a slot until *deadline* at most.
 
-        ``deadline=None`` (a background refresh) never waits for a token. Background
-        refreshes and callers named in ``BULK_CALLERS`` are bulk work: they yield to live
-        traffic (see :mod:`app.budget`).
+        ``deadline=None`` (a background refresh) never waits for a slot. Background
+        refreshes and callers named in ``BULK_CALLERS`` are bulk work: no bulk call is
+        admitted while a live one waits for its slot (see :mod:`app.budget`).
 
         :raises UpstreamUnavailable: the circuit is open.
         :raises RateLimited: the caller's cap or the budget is spent, or a 429 back-off runs.

@@ -1,4 +1,4 @@
-"""The upstream budget: never more than the limit in any window, and every slot used.
+"""The upstream budget: never more than the limit in any window, every slot used, live work first.
 
 Admission is exact: a sliding log of grants (:class:`app.core.window.SlidingWindow`),
 kept in the shared tier when there is one (:mod:`app.stores.shared`: Redis, one Lua
@@ -8,18 +8,73 @@ window is 60 s plus the connect timeout: a granted call reaches Amplitude within
 time or not at all, so no 60-second window *as Amplitude counts arrivals* holds more
 than the limit.
 
-Live before bulk: callers named in ``BULK_CALLERS`` (and background refreshes) are
-granted a slot only while a reserve stays free for live traffic, and only while live
-traffic has been seen in the last window; with no live traffic, bulk work may use it all.
+**The priority rule.** Bulk work is what callers named in ``BULK_CALLERS`` ask for, and
+background refreshes; everything else is live. Each attempt is decided by
+:func:`app.core.window.decide`, in the process (:class:`~app.core.window.SlidingWindow`),
+in the SQLite transaction (:mod:`app.stores.sqlite_admission`) and, line for line, in
+the Redis script (:mod:`app.stores.redis_shared`), from the log (``limit`` the ceiling,
+``W`` the window) and two marks kept beside it: the latest slot granted to a live
+request, and when bulk work may next be granted one.
+
+- A live request is given the earliest slot the limit allows, given the grants already
+  made, reservations included: now while the window holds fewer than the limit, else
+  the moment the grant ``limit`` places from the newest leaves the window. If that
+  comes within its wait, the slot is its own (a stamp later than now: a reservation)
+  and it sleeps until then; if not, it is refused at once.
+- A bulk request never reserves: it is granted a slot now or told when to ask again.
+  It is refused while a live request waits (the latest live slot is later than now),
+  while the window is full, and until its pace allows: bulk grants keep to the budget's
+  steady rate, one per ``W / limit`` seconds (to the millisecond: ``PACE_SLACK_SECONDS``,
+  the shortest wait a refusal names). Each makes the next one due a step after
+  this one was due, so a caller that asks a moment late (up to half a step) keeps its
+  turn and the pace does not drift below the rate; after a longer pause the pace starts
+  again from the grant.
+
+What it promises, for every interleaving of live and bulk requests across the
+processes sharing a log (``tests/unit/test_priority.py`` checks each, on all three):
+
+- **(a) Exact.** No window of ``W`` seconds holds more than the limit.
+- **(b) Live first.** A live request gets the earliest slot the limit allows given the
+  grants already made, and no bulk request, waiting or arriving later, is granted a slot
+  ahead of it or in its place: while any live request waits, no bulk request is granted
+  one. So a live request that finds the window full gets the next slot that frees within
+  its wait, whatever bulk work is doing. (The reservations in the log keep the window
+  full until the earliest of them comes; the latest live slot keeps bulk work out as
+  well when the ceiling rises under a waiting request, a process gone quiet being heard
+  again.) A live request may still wait longer than it would have with no bulk work at
+  all: a slot bulk work took while no live request waited is one a later live request
+  could have used. No rule avoids that for every history, short of leaving slots idle
+  in case live work comes.
+- **(c) Nothing idle.** Bulk work is refused only while a live request waits, while the
+  window is full, or until its pace allows. So when bulk work asks without pause for two
+  windows and no live request is granted a slot in the first, the second ends holding
+  the limit, up to one slot.
+
+Why paced, and not every free slot the instant it frees: on an idle window that would
+take the whole limit at once, and the log would stay one clump, freeing everything at
+once once a window and nothing in between. A live request in between (a Braze send that
+starts just after a warm-up) would find the window full for up to a whole window, and
+no priority can give it a slot that does not free. Paced, a slot frees every step, each
+going first to a waiting live request, and nothing is lost: a paced run fills an idle
+window in exactly one window. Live requests are never paced; a burst of them into free
+capacity takes it at once, and when that clump leaves the window bulk work takes its
+slots back at the steady rate rather than repeating the clump every window. Background
+refreshes ask once and never wait: of a burst of stale hits, one a step is refreshed and
+the others are answered stale and refreshed at a later hit.
+
+A live request may wait for its slot as long as its deadline leaves time for the call,
+at most ``BUDGET_MAX_WAIT_SECONDS`` (:mod:`app.admission`): at the steady rate a slot
+frees every ``W / limit`` seconds (0.5 s at 120 a minute), so a live request that finds
+the window full reaches the next one. Waiting holds no thread under the gevent worker.
 
 When the shared tier cannot be reached, a process falls back to its share of the fleet
 (``limit // fleet``, the fleet counted by heartbeats in the tier), and only from one
 window (plus the heartbeat timeout) after it last reached the tier: by then nothing it or
 anyone else granted through the tier can share a window with its own grants, and the
-processes that still reach it hold back the shares of the ones that went quiet. Grants
-made while cut off are written into the shared log when the tier answers again. A
-process cut off for longer than ``FLEET_HORIZON_SECONDS`` stops calling Amplitude: by
-then the others no longer reserve its share.
+processes that still reach it hold back the shares of the ones that went quiet. Within
+its share the same rule holds. Grants made while cut off are written into the shared log
+when the tier answers again. A process cut off for longer than ``FLEET_HORIZON_SECONDS``
+stops calling Amplitude: by then the others no longer reserve its share.
 """
 
 from __future__ import annotations
@@ -32,7 +87,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from app.clock import SYSTEM_CLOCK, Clock
-from app.core.window import SlidingWindow
+from app.core.window import PACE_SLACK_SECONDS, SlidingWindow
 from app.errors import RateLimited
 from app.stores.shared import BACKING_OFF, AdmitRequest, SharedTier, SharedUnavailable
 
@@ -46,12 +101,12 @@ HEARTBEAT_TIMEOUT_SECONDS = 5.0
 FLEET_HORIZON_SECONDS = 300.0
 
 
-class _NoSlot(Exception):
-    """No slot now; *seconds* until one is expected (exact, unlike ``Retry-After``)."""
+class NoSlot(Exception):
+    """No slot now; *seconds* until asking again is worth it (exact, unlike ``Retry-After``)."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__(seconds)
-        self.seconds = max(0.001, seconds)
+        self.seconds = max(PACE_SLACK_SECONDS, seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +127,15 @@ class UpstreamBudget:
         shared: SharedTier | None = None,
         clock: Clock = SYSTEM_CLOCK,
         window: float = 60.0,
-        live_reserve: int = 1,
     ) -> None:
         self.per_minute = per_minute
         self.window = window
-        self.live_reserve = live_reserve
         self.shared = shared
         self.min_fleet = max(1, shares)
         self._clock = clock
         self._now = clock.monotonic
         self._lock = threading.Lock()
         self._backoff_until = 0.0
-        self._last_live = float("-inf")
         self.process_id = secrets.token_hex(6)
         started = self._now()
         # Without a shared tier: this process's share, ramping up as if its predecessor (a
@@ -125,7 +177,7 @@ class UpstreamBudget:
 
         A live caller reserves the slot it will wait for. A bulk caller never holds a
         reservation (one would stand before a live request arriving later): it sleeps until
-        the next slot is due and asks again, as long as *max_wait* allows.
+        it may ask again and asks again, as long as *max_wait* allows.
 
         :raises RateLimited: in a 429 back-off, or no slot within *max_wait*;
             ``retry_after`` says when one is expected.
@@ -133,8 +185,8 @@ class UpstreamBudget:
         started = self._now()
         while True:
             try:
-                wait = self._take(0.0 if bulk else max_wait, bulk)
-            except _NoSlot as refused:
+                wait = self.try_acquire(max_wait, bulk)
+            except NoSlot as refused:
                 waited = self._now() - started
                 if not bulk or waited + refused.seconds > max_wait:
                     raise RateLimited(retry_after=refused.seconds) from None
@@ -144,36 +196,33 @@ class UpstreamBudget:
                 self._clock.sleep(wait)
             return Grant(self._now() - started, BULK if bulk else LIVE)
 
-    def _take(self, max_wait: float, bulk: bool) -> float:
-        """One attempt: the wait for a slot taken, or :class:`_NoSlot` with the time until one."""
+    def try_acquire(self, max_wait: float, bulk: bool = False) -> float:
+        """One attempt under the priority rule, without sleeping: the seconds until the slot taken.
+
+        A live caller's slot may be up to *max_wait* away (it is reserved: the caller sleeps
+        until it); a bulk caller's is now, whatever *max_wait* says.
+
+        :raises NoSlot: refused; ``seconds`` until asking again is worth it.
+        """
         remaining_backoff = self._backoff_until - self._now()
         if remaining_backoff > 0:
             self._turn_away(remaining_backoff)
+        max_wait = 0.0 if bulk else max_wait
         wait = self._acquire_shared(max_wait, bulk) if self.shared is not None else None
         if wait is None:
             window = self._local if self.shared is None else self._fallback_window()
             wait = self._acquire_local(window, max_wait, bulk)
         return wait
 
-    def _ceiling(self, window: SlidingWindow, bulk: bool) -> int:
-        now = self._now()
-        if not bulk:
-            self._last_live = now
-            return window.limit
-        if now - self._last_live < self.window:
-            return window.limit - self.live_reserve
-        return window.limit
-
     def _acquire_local(self, window: SlidingWindow | None, max_wait: float, bulk: bool) -> float:
         if window is None:  # cut off from the shared tier too recently, or for too long
             self._turn_away(self._fallback_retry_after())
-        ceiling = self._ceiling(window, bulk)
-        wait = window.reserve(max_wait, ceiling)
-        if wait is None:
-            self._turn_away(window.seconds_until_slot(ceiling))
+        decision = window.admit(max_wait, bulk)
+        if decision.slot is None:
+            self._turn_away(decision.wait)
         if window is not self._local:
-            self._remember(self._now() + wait, unmerged=True)
-        return wait
+            self._remember(self._now() + decision.wait, unmerged=True)
+        return decision.wait
 
     def _remember(self, stamp: float, unmerged: bool = False) -> None:
         with self._lock:
@@ -210,8 +259,8 @@ class UpstreamBudget:
             recent_outage = remerge or now - self._recovered_at < FLEET_HORIZON_SECONDS
             remembered_fleet = self._fleet if recent_outage else 0
         request = AdmitRequest(
-            limit=self.per_minute, window=self.window, max_wait=max_wait, bulk=bulk, live_reserve=self.live_reserve,
-            process_id=self.process_id, grant_id=f"{self.process_id}:{secrets.token_hex(4)}",
+            limit=self.per_minute, window=self.window, max_wait=max_wait, bulk=bulk, process_id=self.process_id,
+            grant_id=f"{self.process_id}:{secrets.token_hex(4)}",
             heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS, fleet_horizon=FLEET_HORIZON_SECONDS,
             heartbeat_only=heartbeat_only, remembered_fleet=remembered_fleet,
             merge_ages=tuple(now - stamp for stamp in merging),
@@ -261,10 +310,14 @@ class UpstreamBudget:
                     self._heartbeat = threading.Thread(target=self._beat, name="budget-heartbeat", daemon=True)
                     self._heartbeat.start()
 
+    def heartbeat(self) -> None:
+        """Tell the shared tier this process is alive (the heartbeat thread does, every few seconds)."""
+        self._run_shared(0.0, False, heartbeat_only=True)
+
     def _beat(self) -> None:
         while not self._closed.wait(HEARTBEAT_TIMEOUT_SECONDS / 3):
             try:
-                self._run_shared(0.0, False, heartbeat_only=True)
+                self.heartbeat()
             except Exception:  # never let the heartbeat die
                 log.exception("budget heartbeat failed")
 
@@ -281,7 +334,7 @@ class UpstreamBudget:
                 pass
 
     def _turn_away(self, seconds: float) -> NoReturn:
-        raise _NoSlot(seconds)
+        raise NoSlot(seconds)
 
     def used(self) -> int:
         """Calls granted in the trailing window (the shared log's count when the tier answers)."""

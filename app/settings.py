@@ -57,7 +57,7 @@ class Settings:
     port: int = 8000
     upstream_rate_limit_per_minute: int = 600
     upstream_budget_shares: int = 1
-    budget_max_wait_seconds: float = 0.25
+    budget_max_wait_seconds: float = 1.0
     upstream_429_backoff_seconds: float = 30.0
     upstream_connect_timeout: float = 0.5
     upstream_read_timeout: float = 1.0
@@ -75,7 +75,6 @@ class Settings:
     auth_failure_limit_per_minute: int = 20
     caller_miss_limit_per_minute: int | None = None
     bulk_callers: tuple[str, ...] = ()
-    live_reserve_percent: float = 1.0
     recommendations_fetch: str = "with_profile"
     braze_failure_warn_share: float = 0.5
     braze_failure_warn_min: int = 300
@@ -102,11 +101,6 @@ class Settings:
         reaches Amplitude or is never sent (it must start within ``SEND_ALLOWANCE_SECONDS`` of
         its slot and connect within the connect timeout), so Amplitude's 60 s never sees more."""
         return 60.0 + SEND_ALLOWANCE_SECONDS + self.upstream_connect_timeout
-
-    @property
-    def live_reserve(self) -> int:
-        """Slots per window kept free for live traffic while bulk work runs (at least one)."""
-        return max(1, round(self.upstream_rate_limit_per_minute * self.live_reserve_percent / 100))
 
     @property
     def upstream_profile_url(self) -> str:
@@ -234,7 +228,7 @@ class SettingsSchema(Schema):
     PORT = _count(8000, maximum=65535)
     UPSTREAM_RATE_LIMIT_PER_MINUTE = _count(600)
     UPSTREAM_BUDGET_SHARES = _count(1, maximum=10_000)
-    BUDGET_MAX_WAIT_SECONDS = _seconds(0.25, maximum=1.0)
+    BUDGET_MAX_WAIT_SECONDS = _seconds(1.0, maximum=1.4)
     UPSTREAM_429_BACKOFF_SECONDS = _seconds(30.0, minimum=1, maximum=3600)
     UPSTREAM_CONNECT_TIMEOUT = _seconds(0.5, minimum=0.01, maximum=1.4)
     UPSTREAM_READ_TIMEOUT = _seconds(1.0, minimum=0.01, maximum=1.4)
@@ -253,7 +247,6 @@ class SettingsSchema(Schema):
     CALLER_MISS_LIMIT_PER_MINUTE = mf.Integer(load_default=None, allow_none=True, strict=False,
                                               validate=Range(min=1))  # fmt: skip
     BULK_CALLERS = CommaList(load_default=())
-    LIVE_RESERVE_PERCENT = mf.Float(load_default=1.0, validate=Range(min=0, max=50))
     RECOMMENDATIONS_FETCH = mf.String(load_default="with_profile", validate=OneOf(["with_profile", "when_asked"]))
     BRAZE_FAILURE_WARN_SHARE = mf.Float(load_default=0.5, validate=Range(min=0.01, max=1.0))
     BRAZE_FAILURE_WARN_MIN = _count(300, minimum=1)

@@ -33,7 +33,6 @@ GOOD = {"AMPLITUDE_SECRET_KEY": "amp-secret-123", "PROXY_API_KEYS": "braze:calle
         ({"PORT": "70000"}, "PORT"),
         ({"BULK_CALLERS": "warm"}, "BULK_CALLERS"),  # names no caller key
         ({"RECOMMENDATIONS_FETCH": "never"}, "RECOMMENDATIONS_FETCH"),
-        ({"LIVE_RESERVE_PERCENT": "80"}, "LIVE_RESERVE_PERCENT"),
         ({"SHARED_STATE_PATH": "state/shared.sqlite3"}, "SHARED_STATE_PATH"),  # relative
         ({"SHARED_STATE_PATH": "/nonexistent-dir/shared.sqlite3"}, "SHARED_STATE_PATH"),
         ({"SHARED_STATE_PATH": "/tmp"}, "SHARED_STATE_PATH"),  # a directory

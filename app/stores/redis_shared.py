@@ -38,11 +38,18 @@ end
 return 1
 """
 
-# The sliding log of grants, the fleet's heartbeats, the 429 back-off and the last live
-# request, in one step (see app.budget for what each part is for).
+# The sliding log of grants, the fleet's heartbeats, the 429 back-off and the priority
+# rule's marks, in one step (see app.budget for what each part is for). The decision is
+# app.core.window.decide, line for line. ARGV[5] is a test's clock (see AdmitRequest.now);
+# empty, always in the service: Redis's own TIME, which every process of the fleet shares.
 _ADMIT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now
+if ARGV[5] ~= '' then
+  now = tonumber(ARGV[5])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local hb_timeout, horizon = tonumber(ARGV[7]), tonumber(ARGV[8])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - horizon)
@@ -63,23 +70,31 @@ if ARGV[9] == '1' then return {2, '0', fleet, used} end
 local backoff = redis.call('PTTL', KEYS[2])
 if backoff > 0 then return {-1, tostring(backoff / 1000), fleet, used} end
 local ceiling = limit - math.floor(limit / fleet) * quiet
-if ARGV[4] == '1' then
-  local live = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if now - live < window then ceiling = ceiling - tonumber(ARGV[5]) end
-else
-  redis.call('SET', KEYS[4], tostring(now), 'PX', math.ceil(window * 1000))
-end
 if ceiling <= 0 then return {0, tostring(window), fleet, used} end
+-- The earliest slot the limit allows, given the grants already made.
 local slot = now
 if used >= ceiling then
   local kth = redis.call('ZRANGE', KEYS[1], used - ceiling, used - ceiling, 'WITHSCORES')
   slot = math.max(slot, tonumber(kth[2]) + window)
 end
-local wait = slot - now
-if wait > tonumber(ARGV[3]) then return {0, tostring(wait), fleet, used} end
+local marks = redis.call('HMGET', KEYS[4], 'live_until', 'bulk_due')
+local live_until, bulk_due = tonumber(marks[1]) or -math.huge, tonumber(marks[2]) or -math.huge
+if ARGV[4] ~= '1' then
+  if slot - now > tonumber(ARGV[3]) then return {0, string.format('%.17g', slot - now), fleet, used} end
+  redis.call('HSET', KEYS[4], 'live_until', string.format('%.17g', math.max(live_until, slot)))
+else
+  -- Bulk work never reserves: a slot now, or the moment it may ask again.
+  local due = math.max(slot, live_until, bulk_due - 0.001)  -- PACE_SLACK_SECONDS
+  if due > now then return {0, string.format('%.17g', due - now), fleet, used} end
+  local step = window / ceiling
+  local next_due = now + step
+  if now - bulk_due <= step / 2 then next_due = bulk_due + step end
+  redis.call('HSET', KEYS[4], 'bulk_due', string.format('%.17g', next_due))
+end
+redis.call('PEXPIRE', KEYS[4], math.ceil((window + 60) * 1000))
 redis.call('ZADD', KEYS[1], slot, ARGV[10])
 redis.call('PEXPIRE', KEYS[1], math.ceil((window + 60) * 1000))
-return {1, tostring(wait), fleet, used + 1}
+return {1, string.format('%.17g', slot - now), fleet, used + 1}
 """
 
 
@@ -128,9 +143,10 @@ class RedisShared:
         self.tier.run(lambda client: script(keys=keys, args=[token, failure, note_ms], client=client))
 
     def admit(self, request: AdmitRequest) -> AdmitReply:
-        keys = [self.tier.key(name) for name in ("admission", "backoff", "fleet", "live")]
+        keys = [self.tier.key(name) for name in ("admission", "backoff", "fleet", "priority")]
         args: list[Any] = [
-            request.limit, request.window, request.max_wait, int(request.bulk), request.live_reserve,
+            request.limit, request.window, request.max_wait, int(request.bulk),
+            "" if request.now is None else repr(request.now),
             request.process_id, request.heartbeat_timeout, request.fleet_horizon, int(request.heartbeat_only),
             request.grant_id, request.remembered_fleet, *(f"{age:.6f}" for age in request.merge_ages),
         ]  # fmt: skip

@@ -39,16 +39,21 @@ class ClaimReply:
 class AdmitRequest:
     """One admission attempt (or heartbeat) against the shared log of grants.
 
+    ``bulk`` selects the priority rule's side (see :mod:`app.budget`): a live attempt
+    reserves a slot within ``max_wait``, a bulk one is granted a slot now or refused.
     ``merge_ages`` are grants this process made while cut off, as seconds before now,
     to write into the log; ``remembered_fleet`` is the fleet size this process knew
     before an outage (0: none to remember).
+
+    ``now`` is for tests only: the wall time the tier takes as now, instead of its own
+    clock (Redis's ``TIME``, which a test cannot move; the SQLite tier's clock). The
+    service never sets it: the processes of a fleet must share one clock, the tier's.
     """
 
     limit: int
     window: float
     max_wait: float
     bulk: bool
-    live_reserve: int
     process_id: str
     grant_id: str
     heartbeat_timeout: float
@@ -56,6 +61,7 @@ class AdmitRequest:
     heartbeat_only: bool = False
     remembered_fleet: int = 0
     merge_ages: tuple[float, ...] = ()
+    now: float | None = None
 
 
 #: :attr:`AdmitReply.granted` values.

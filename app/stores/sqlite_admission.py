@@ -2,10 +2,11 @@
 
 :func:`admit` runs inside the caller's ``BEGIN IMMEDIATE`` transaction, so it sees and
 changes the log alone, as the Lua script in :mod:`app.stores.redis_shared` does in Redis:
-the fleet's heartbeats, the grants in the window, the 429 back-off and the last live
-request, then a slot if one comes within the caller's wait. It reads in one statement and
-writes in one (:mod:`app.stores.sqlite_schema`'s ``admitted``), so the file's lock is
-held across as few returns to Python as the decision allows.
+the fleet's heartbeats, the grants in the window, the 429 back-off and the priority
+rule's marks (the latest live slot, the bulk pace), then the decision of
+:func:`app.core.window.decide`, the rule every back-end applies. It reads in one
+statement and writes in one (:mod:`app.stores.sqlite_schema`'s ``admitted``), so the
+file's lock is held across as few returns to Python as the decision allows.
 
 A file's log may begin with a *ramp*: created without knowing what was spent before (a
 new gunicorn master replacing an old one), it counts the limit as spent evenly over the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 import sqlite3
 
+from app.core.window import NEVER, Marks, decide
 from app.stores.shared import BACKING_OFF, GRANTED, HEARTBEAT, REFUSED, AdmitReply, AdmitRequest
 
 # Everything admission reads, in one statement. This process is counted as if its
@@ -31,12 +33,13 @@ SELECT (SELECT count(*) FROM fleet WHERE seen > :fleet_horizon AND member != :me
        (SELECT value FROM meta WHERE name = 'since'),
        (SELECT count(*) FROM meta WHERE name = 'since' AND value IS NULL),
        (SELECT expires_at FROM kv WHERE key = 'backoff' AND expires_at > :now),
-       (SELECT value FROM kv WHERE key = 'live' AND expires_at > :now)
+       (SELECT value FROM meta WHERE name = 'live_until'),
+       (SELECT value FROM meta WHERE name = 'bulk_due')
 """
 
 _KTH = "SELECT stamp FROM grants WHERE stamp > ? ORDER BY stamp LIMIT 1 OFFSET ?"
 
-_WRITE = "INSERT INTO admitted (member, now, live_until, slot) VALUES (?, ?, ?, ?)"
+_WRITE = "INSERT INTO admitted (member, now, slot, live_until, bulk_due) VALUES (?, ?, ?, ?, ?)"
 
 
 def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitReply:
@@ -45,6 +48,8 @@ def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitRep
     Heartbeats delete what has left the window and the fleet; admissions only count past it.
     """
     r = request
+    if r.now is not None:  # a test's clock (see AdmitRequest)
+        now = r.now
     horizon = now - r.window
     merged = [(now - age,) for age in r.merge_ages if now - age > horizon]
     if merged:
@@ -52,7 +57,7 @@ def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitRep
     if r.heartbeat_only:
         db.execute("DELETE FROM fleet WHERE seen <= ?", (now - r.fleet_horizon,))
         db.execute("DELETE FROM grants WHERE stamp <= ?", (horizon,))
-    others, others_alive, logged, since, ramp_from_now, backoff_until, live = db.execute(
+    others, others_alive, logged, since, ramp_from_now, backoff_until, live_until, bulk_due = db.execute(
         _STATE,
         {"fleet_horizon": now - r.fleet_horizon, "alive_since": now - r.heartbeat_timeout, "horizon": horizon,
          "now": now, "me": r.process_id},
@@ -65,10 +70,11 @@ def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitRep
         since = now
     ramp = _Ramp(None if since is None else float(since), r.limit, r.window, now)
     used = ramp.left + int(logged)
-    live_until = None if r.bulk or r.heartbeat_only else now + r.window
 
-    def decided(reply: AdmitReply, slot: float | None = None) -> AdmitReply:
-        db.execute(_WRITE, (r.process_id, now, live_until if reply.granted != BACKING_OFF else None, slot))
+    def decided(reply: AdmitReply, slot: float | None = None, marks: Marks | None = None) -> AdmitReply:
+        # The marks are written with a grant (the only thing that moves them), never as -inf.
+        live, due = (None, None) if marks is None else (_finite(marks.live_until), _finite(marks.bulk_due))
+        db.execute(_WRITE, (r.process_id, now, slot, live, due))
         return reply
 
     if r.heartbeat_only:
@@ -76,17 +82,16 @@ def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitRep
     if backoff_until is not None:
         return decided(AdmitReply(BACKING_OFF, max(0.001, float(backoff_until) - now), fleet, used))
     ceiling = r.limit - (r.limit // fleet) * quiet
-    if r.bulk and live is not None and now - float(live) < r.window:
-        ceiling -= r.live_reserve
-    if ceiling <= 0:
-        return decided(AdmitReply(REFUSED, r.window, fleet, used))
-    slot = now
-    if used >= ceiling:
-        slot = max(slot, ramp.kth(db, used - ceiling, horizon) + r.window)
-    wait = slot - now
-    if wait > r.max_wait:
-        return decided(AdmitReply(REFUSED, wait, fleet, used))
-    return decided(AdmitReply(GRANTED, wait, fleet, used + 1), slot)
+    marks = Marks(NEVER if live_until is None else float(live_until), NEVER if bulk_due is None else float(bulk_due))
+    decision = decide(now, used, lambda index: ramp.kth(db, index, horizon), ceiling, r.window, r.max_wait, r.bulk,
+                      marks)  # fmt: skip
+    if decision.slot is None:
+        return decided(AdmitReply(REFUSED, decision.wait, fleet, used))
+    return decided(AdmitReply(GRANTED, decision.wait, fleet, used + 1), decision.slot, decision.marks)
+
+
+def _finite(mark: float) -> float | None:
+    return None if mark == NEVER else mark
 
 
 class _Ramp:

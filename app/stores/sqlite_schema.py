@@ -1,9 +1,10 @@
 """The SQLite tier's file: its tables, the operations stored in it, and how it is created.
 
-Tables: ``kv`` (profiles, not-founds, claims, failure notes, the 429 back-off and the
-last live request, each with a wall-time expiry), ``grants`` (the admission log),
-``fleet`` (each process's last heartbeat) and ``meta`` (``since``: when the log began;
-null until the first admission when what was spent before the file is unknown).
+Tables: ``kv`` (profiles, not-founds, claims, failure notes and the 429 back-off, each
+with a wall-time expiry), ``grants`` (the admission log), ``fleet`` (each process's last
+heartbeat) and ``meta`` (``since``: when the log began, null until the first admission
+when what was spent before the file is unknown; ``live_until`` and ``bulk_due``: the
+priority rule's marks, see :mod:`app.budget`).
 
 Operations that write several rows are stored in the file, as the Lua scripts are in
 Redis: an ``INSERT`` into a view whose ``INSTEAD OF`` trigger does the writes. One
@@ -21,7 +22,7 @@ import sqlite3
 from app.clock import SYSTEM_CLOCK, Clock
 
 #: Bumped when the tables or stored operations change; a file of another version is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: UPSERT with RETURNING.
 MIN_SQLITE = (3, 35, 0)
 #: How long start-up waits for the file (several workers may open it at once).
@@ -53,14 +54,14 @@ _OPERATIONS = (
         WHERE key = NEW.lock AND value = NEW.token AND expires_at > NEW.now AND NEW.note_value IS NOT NULL;
       DELETE FROM kv WHERE key = NEW.lock AND value = NEW.token;
     END""",
-    # What an admission writes once it has decided: the heartbeat, the last live request
-    # (unless bulk), the grant (unless refused).
-    "CREATE VIEW admitted (member, now, live_until, slot) AS SELECT 0, 0, 0, 0 WHERE 0",
+    # What an admission writes once it has decided: the heartbeat, the grant (unless
+    # refused) and the priority rule's marks (when the grant moved them).
+    "CREATE VIEW admitted (member, now, slot, live_until, bulk_due) AS SELECT 0, 0, 0, 0, 0 WHERE 0",
     """CREATE TRIGGER admitted_op INSTEAD OF INSERT ON admitted BEGIN
       INSERT OR REPLACE INTO fleet (member, seen) VALUES (NEW.member, NEW.now);
-      INSERT OR REPLACE INTO kv (key, value, expires_at)
-        SELECT 'live', NEW.now, NEW.live_until WHERE NEW.live_until IS NOT NULL;
       INSERT INTO grants (stamp) SELECT NEW.slot WHERE NEW.slot IS NOT NULL;
+      INSERT OR REPLACE INTO meta (name, value) SELECT 'live_until', NEW.live_until WHERE NEW.live_until IS NOT NULL;
+      INSERT OR REPLACE INTO meta (name, value) SELECT 'bulk_due', NEW.bulk_due WHERE NEW.bulk_due IS NOT NULL;
     END""",
 )
 

@@ -1,4 +1,8 @@
-"""The upstream budget on a fake clock: exact, work-conserving, live before bulk, safe without Redis."""
+"""The upstream budget on a fake clock: exact, work-conserving, live before bulk, safe without Redis.
+
+The priority rule's promises over every interleaving are checked in ``test_priority.py``;
+the cases here are the rule's steps one at a time.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.budget import FLEET_HORIZON_SECONDS, HEARTBEAT_TIMEOUT_SECONDS, UpstreamBudget
+from app.budget import FLEET_HORIZON_SECONDS, HEARTBEAT_TIMEOUT_SECONDS, NoSlot, UpstreamBudget
 from app.core.window import SlidingWindow
 from app.errors import RateLimited
 from app.stores.shared import AdmitReply, AdmitRequest, SharedUnavailable
@@ -27,24 +31,24 @@ def most_in_any_window(grants: list[float], window: float = 60.0) -> int:
     limit=st.integers(min_value=1, max_value=700),
     steps=st.lists(
         st.tuples(st.floats(min_value=0, max_value=40), st.integers(min_value=0, max_value=120),
-                  st.sampled_from([0.0, 0.25, 1.0]), st.integers(min_value=0, max_value=5)),
+                  st.sampled_from([0.0, 0.25, 1.0]), st.booleans()),
         max_size=60,
     ),
     delivery=st.floats(min_value=0, max_value=0.5),
 )  # fmt: skip
 def test_no_sixty_second_window_as_amplitude_counts_ever_holds_more_than_the_limit(limit, steps, delivery):
-    """Whatever the pattern of requests, waits and lowered ceilings, and however late (up to
+    """Whatever the pattern of live and bulk requests and waits, and however late (up to
     the connect timeout) each call reaches Amplitude."""
     clock = FakeClock()
     window = SlidingWindow(limit, WINDOW, clock)
     arrivals: list[float] = []
-    for n, (advance, attempts, max_wait, lowered) in enumerate(steps):
+    for n, (advance, attempts, max_wait, bulk) in enumerate(steps):
         clock.advance(advance)
         for k in range(attempts):
-            wait = window.reserve(max_wait, limit - lowered)
-            if wait is not None:
+            decision = window.admit(max_wait, bulk)
+            if decision.slot is not None:
                 # Alternate early and late delivery: the worst case for the window.
-                arrivals.append(clock.monotonic() + wait + (delivery if (n + k) % 2 else 0.0))
+                arrivals.append(decision.slot + (delivery if (n + k) % 2 else 0.0))
     assert most_in_any_window(arrivals) <= limit
 
 
@@ -102,34 +106,59 @@ def test_a_429_back_off_refuses_every_call_until_it_ends():
     budget.acquire(0.0)
 
 
-def full_budget(limit: int, clock: FakeClock, reserve: int = 2) -> UpstreamBudget:
-    budget = UpstreamBudget(limit, shares=1, clock=clock, window=WINDOW, live_reserve=reserve)
+def full_budget(limit: int, clock: FakeClock) -> UpstreamBudget:
+    budget = UpstreamBudget(limit, shares=1, clock=clock, window=WINDOW)
     clock.advance(WINDOW)  # past the start-up ramp
     return budget
 
 
-def test_bulk_work_uses_the_whole_window_when_no_live_traffic_is_there():
+def ask_until_granted(budget: UpstreamBudget, clock: FakeClock, bulk: bool) -> float:
+    """Ask as a caller that never gives up does, sleeping as told; the moment of the grant."""
+    while True:
+        try:
+            clock.advance(budget.try_acquire(1.0, bulk))
+            return clock.monotonic()
+        except NoSlot as refused:
+            clock.advance(refused.seconds)
+
+
+def test_bulk_work_takes_an_idle_window_at_the_steady_rate_and_fills_it_in_one_window():
     clock = FakeClock()
     budget = full_budget(10, clock)
-    for _ in range(10):
-        assert budget.acquire(0.0, bulk=True).caller_class == "bulk"
-    with pytest.raises(RateLimited):
-        budget.acquire(0.0, bulk=True)
+    step = WINDOW / 10
+    started = clock.monotonic()
+    grants = [ask_until_granted(budget, clock, bulk=True) for _ in range(10)]
+    assert grants[-1] - started < WINDOW  # the whole limit within the window: nothing idle
+    # One a step, never at once (to the millisecond a retry on this clock may take).
+    assert [b - a for a, b in zip(grants, grants[1:], strict=False)] == pytest.approx([step] * 9, abs=0.002)
+    with pytest.raises(NoSlot) as refused:
+        budget.try_acquire(0.0, bulk=True)
+    assert refused.value.seconds == pytest.approx(started + WINDOW - clock.monotonic())  # the first to free
+    # A live request arriving now finds slots freeing at the steady rate: the next within a step
+    # (and the millisecond by which a bulk grant may come early).
+    assert budget.try_acquire(step + 0.002) == pytest.approx(step, abs=0.002)
 
 
-def test_while_live_traffic_is_there_bulk_leaves_the_reserve_to_it():
+def test_while_a_live_request_waits_for_its_slot_no_bulk_request_is_granted_one():
     clock = FakeClock()
-    budget = full_budget(10, clock, reserve=2)
-    budget.acquire(0.0)  # a live request: live traffic is present
-    for _ in range(7):
-        budget.acquire(0.0, bulk=True)
-    with pytest.raises(RateLimited):
-        budget.acquire(0.0, bulk=True)  # 8 of 10 used: the last 2 are live's
-    budget.acquire(0.0)
-    budget.acquire(0.0)
-    clock.advance(WINDOW)  # no live request for a window: bulk may take everything again
-    for _ in range(10):
-        budget.acquire(0.0, bulk=True)
+    budget = full_budget(10, clock)
+    step = WINDOW / 10
+    first = clock.monotonic()
+    for _ in range(10):  # live traffic fills the window, one a step
+        budget.try_acquire(0.0)
+        clock.advance(step)
+    clock.advance(-0.5)  # half a second before the first of them frees
+    frees_at = first + WINDOW
+    waiting = budget.try_acquire(1.0)  # a live request reserves that slot
+    assert clock.monotonic() + waiting == pytest.approx(frees_at)
+    with pytest.raises(NoSlot) as refused:
+        budget.try_acquire(0.0, bulk=True)
+    assert clock.monotonic() + refused.value.seconds == pytest.approx(frees_at + step)  # not before the next
+    clock.advance(waiting)
+    with pytest.raises(NoSlot):
+        budget.try_acquire(0.0, bulk=True)  # at the moment it freed: the live request's
+    clock.advance(step)
+    assert budget.try_acquire(0.0, bulk=True) == 0.0  # the next one: nobody live waits for it
 
 
 class DownTier:

@@ -30,7 +30,7 @@ def pair(path: Path, clock: FakeClock, history_known: bool = True, timeout: floa
 
 
 def ask(process: str, limit: int = 10, max_wait: float = 0.0, bulk: bool = False, **kwargs: object) -> AdmitRequest:
-    fields: dict = dict(limit=limit, window=WINDOW, max_wait=max_wait, bulk=bulk, live_reserve=2, process_id=process,
+    fields: dict = dict(limit=limit, window=WINDOW, max_wait=max_wait, bulk=bulk, process_id=process,
                         grant_id=f"{process}:g", heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS,
                         fleet_horizon=FLEET_HORIZON_SECONDS)  # fmt: skip
     fields.update(kwargs)
@@ -172,12 +172,21 @@ def test_the_shares_of_processes_gone_quiet_are_held_back(tiers, clock):
     assert first.admit(ask("p0", heartbeat_only=True)).fleet == 1
 
 
-def test_bulk_leaves_the_reserve_to_live_traffic(tiers, clock):
+def test_bulk_is_paced_and_waits_while_a_live_request_of_another_process_waits(tiers, clock):
     first, second = tiers
-    assert first.admit(ask("p0")).granted == GRANTED  # live traffic is there
-    assert [second.admit(ask("p1", bulk=True)).granted for _ in range(8)] == [GRANTED] * 7 + [REFUSED]
-    assert first.admit(ask("p0")).granted == GRANTED
-    assert first.admit(ask("p0")).granted == GRANTED
+    step = WINDOW / 10
+    assert second.admit(ask("p1", bulk=True)).granted == GRANTED
+    paced = second.admit(ask("p1", bulk=True))
+    assert paced.granted == REFUSED and paced.wait == pytest.approx(step, abs=0.001)  # one a step, not all at once
+    for _ in range(9):
+        assert first.admit(ask("p0")).granted == GRANTED  # live work is never paced
+    clock.advance(WINDOW - 0.5)
+    waiting = first.admit(ask("p0", max_wait=1.0))  # the window is full: reserves the first slot to free
+    assert waiting.granted == GRANTED and waiting.wait == pytest.approx(0.5)
+    refused = second.admit(ask("p1", bulk=True))
+    assert refused.granted == REFUSED and refused.wait == pytest.approx(0.5)  # not while it waits
+    clock.advance(0.5)  # the ten free at once: one is the live request's, bulk takes the others a step apart
+    assert [second.admit(ask("p1", bulk=True)).granted for _ in range(2)] == [GRANTED, REFUSED]
 
 
 def test_a_429_back_off_reaches_every_process(tiers, clock):
