@@ -82,5 +82,11 @@ bench: install system-deps
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) -m bench $(BENCH_ARGS)
 
+# docs/configuration.md and .env.example, generated from app/settings.py, gunicorn.conf.py and the
+# front's scripts: run after changing a setting (tests/test_docs.py fails while either is stale).
+.PHONY: docs
+docs: install
+	$(PY) scripts/gen_docs.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Braze's published sending addresses per cluster, so ``ALLOWED_CIDRS`` can say ``braze:US-01``.
 
 The list ships in ``braze_ranges.json`` beside this module, with the date it was taken
-and where from; README "Security" says how to refresh it.
+and where from; docs/operations.md ("Security") says how to refresh it.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0), registry=reg,
         )  # fmt: skip
         self.queue = Histogram(
-            "proxy_request_queue_seconds", "Time a request waited, from its arrival, for a thread to start on it.",
+            "proxy_request_queue_seconds", "Time a request waited, from its arrival (the front's stamp), until the app started on it.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0), registry=reg,
         )  # fmt: skip
         self.cache = Counter("proxy_cache_lookups", "Cache outcomes: hit, miss, stale, negative, never_stored.",

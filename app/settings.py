@@ -195,12 +195,14 @@ def _state_file(value: str) -> None:
         raise ValidationError("is a directory, not a file")
 
 
-def _seconds(default: float, minimum: float = 0.0, maximum: float = 10**7) -> mf.Float:
-    return mf.Float(load_default=default, validate=Range(min=minimum, max=maximum))
+def _seconds(
+    default: float, minimum: float = 0.0, maximum: float = 10**7, metadata: dict[str, str] | None = None
+) -> mf.Float:
+    return mf.Float(load_default=default, validate=Range(min=minimum, max=maximum), metadata=metadata)
 
 
-def _count(default: int, minimum: int = 1, maximum: int = 10**9) -> mf.Integer:
-    return mf.Integer(load_default=default, strict=False, validate=Range(min=minimum, max=maximum))
+def _count(default: int, minimum: int = 1, maximum: int = 10**9, metadata: dict[str, str] | None = None) -> mf.Integer:
+    return mf.Integer(load_default=default, strict=False, validate=Range(min=minimum, max=maximum), metadata=metadata)
 
 
 class SettingsSchema(Schema):
@@ -209,52 +211,276 @@ class SettingsSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    AMPLITUDE_SECRET_KEY = mf.String(required=True, validate=_not_blank)
-    AMPLITUDE_API_URL = mf.Url(
-        load_default="https://profile-api.amplitude.com", require_tld=False, schemes={"http", "https"}
+    AMPLITUDE_SECRET_KEY = mf.String(
+        required=True,
+        validate=_not_blank,
+        metadata={
+            "description": "The Amplitude project's secret key. Only ever sent to Amplitude, in the `Authorization` "
+            "header."
+        },
     )
-    ALLOW_INSECURE_UPSTREAM = mf.Boolean(load_default=False)
-    PROXY_API_KEYS = CallerKeyList(load_default=())
-    ALLOW_OPEN_ACCESS = mf.Boolean(load_default=False)
-    ADMIN_API_KEYS = CallerKeyList(load_default=())
-    CACHE_TTL_SECONDS = _seconds(300.0, minimum=1)
-    CACHE_MAX_ENTRIES = _count(100_000)
-    NEGATIVE_CACHE_TTL_SECONDS = _seconds(60.0)
-    STALE_WHILE_REVALIDATE_SECONDS = _seconds(3600.0)
-    STALE_IF_ERROR_SECONDS = _seconds(86_400.0)
-    PROFILE_REC_IDS = CommaList(load_default=())
-    PROFILE_PREDICTION_IDS = CommaList(load_default=())
-    PROFILE_PROPENSITY_TYPE = mf.String(load_default="score", validate=OneOf(["score", "pct"]))
-    PORT = _count(8000, maximum=65535)
-    UPSTREAM_RATE_LIMIT_PER_MINUTE = _count(600)
-    UPSTREAM_BUDGET_SHARES = _count(1, maximum=10_000)
-    BUDGET_MAX_WAIT_SECONDS = _seconds(1.0, maximum=1.4)
-    UPSTREAM_429_BACKOFF_SECONDS = _seconds(30.0, minimum=1, maximum=3600)
-    UPSTREAM_CONNECT_TIMEOUT = _seconds(0.5, minimum=0.01, maximum=1.4)
-    UPSTREAM_READ_TIMEOUT = _seconds(1.0, minimum=0.01, maximum=1.4)
-    UPSTREAM_MAX_BODY_BYTES = _count(1_000_000, minimum=1024)
-    UPSTREAM_CONCURRENCY = _count(32, maximum=1024)
-    REQUEST_DEADLINE_SECONDS = _seconds(1.5, minimum=0.1, maximum=1.9)
-    BREAKER_FAILURE_THRESHOLD = _count(5)
-    BREAKER_COOLDOWN_SECONDS = _seconds(10.0, minimum=0.1, maximum=3600)
-    REDIS_URL = mf.String(load_default=None, allow_none=True)
-    REDIS_TIMEOUT_SECONDS = _seconds(0.1, minimum=0.005, maximum=1.0)
-    SHARED_STATE_PATH = mf.String(load_default=None, allow_none=True, validate=_state_file)
-    ALLOWED_CIDRS = CidrList(load_default=())
-    TRUSTED_PROXY_COUNT = mf.Integer(load_default=0, strict=False, validate=Range(min=0, max=10))
-    FORWARDED_ALLOW_IPS = ProxyList(load_default=("127.0.0.1", "::1"))
-    AUTH_FAILURE_LIMIT_PER_MINUTE = _count(20, minimum=0)
+    AMPLITUDE_API_URL = mf.Url(
+        load_default="https://profile-api.amplitude.com",
+        require_tld=False,
+        schemes={"http", "https"},
+        metadata={
+            "description": "Base URL of the User Profile API; `/v1/userprofile` is appended. Must be https unless "
+            "`ALLOW_INSECURE_UPSTREAM=true`."
+        },
+    )
+    ALLOW_INSECURE_UPSTREAM = mf.Boolean(
+        load_default=False, metadata={"description": "Allow an `http://` upstream (the local simulator only)."}
+    )
+    PROXY_API_KEYS = CallerKeyList(
+        load_default=(),
+        metadata={
+            "description": "Caller keys, comma-separated, each optionally named: `braze:KEY1,curl:KEY2`. Several at "
+            "once allow rotation. Each key is at least 8 characters. Required unless `ALLOW_OPEN_ACCESS=true`."
+        },
+    )
+    ALLOW_OPEN_ACCESS = mf.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Run without caller keys. The service refuses to start without keys unless this is `true`."
+        },
+    )
+    ADMIN_API_KEYS = CallerKeyList(
+        load_default=(),
+        metadata={
+            "description": "Separate named keys for `/metrics` and the preview page, so Braze's key cannot open them. "
+            "Without them a caller key can."
+        },
+    )
+    CACHE_TTL_SECONDS = _seconds(300.0, minimum=1, metadata={"description": "How long a profile is fresh, in seconds."})
+    CACHE_MAX_ENTRIES = _count(
+        100_000, metadata={"description": "Bound of the in-process cache, in profiles, per worker process."}
+    )
+    NEGATIVE_CACHE_TTL_SECONDS = _seconds(
+        60.0,
+        metadata={
+            "description": "How long a user Amplitude has not seen is remembered as unknown, in seconds (new users "
+            "appear within minutes)."
+        },
+    )
+    STALE_WHILE_REVALIDATE_SECONDS = _seconds(
+        3600.0,
+        metadata={
+            "description": "After `CACHE_TTL_SECONDS`, how long the old profile is served at once while one background "
+            "refresh runs. Older entries wait for a fresh answer (within the deadline)."
+        },
+    )
+    STALE_IF_ERROR_SECONDS = _seconds(
+        86_400.0,
+        metadata={
+            "description": "How long past freshness a profile may still be served when Amplitude fails or the budget "
+            "is spent."
+        },
+    )
+    PROFILE_REC_IDS = CommaList(
+        load_default=(),
+        metadata={"description": "Recommendation ids fetched with every profile, for example `rec_home,rec_email`."},
+    )
+    PROFILE_PREDICTION_IDS = CommaList(
+        load_default=(),
+        metadata={"description": "Prediction ids fetched with every profile, for example `pred_churn`."},
+    )
+    PROFILE_PROPENSITY_TYPE = mf.String(
+        load_default="score",
+        validate=OneOf(["score", "pct"]),
+        metadata={"description": "`score` or `pct` for those predictions (Amplitude returns one type per call)."},
+    )
+    PORT = _count(8000, maximum=65535, metadata={"description": "The port gunicorn listens on (with `HOST`)."})
+    UPSTREAM_RATE_LIMIT_PER_MINUTE = _count(
+        600,
+        metadata={
+            "description": "The Amplitude budget, in calls per minute. Lower it when other systems use the same "
+            "organisation's quota; raise it if Amplitude raised yours."
+        },
+    )
+    UPSTREAM_BUDGET_SHARES = _count(
+        1,
+        maximum=10_000,
+        metadata={
+            "description": "The smallest fleet a process assumes before it has counted the fleet in the shared tier "
+            "(Redis or the SQLite file), and so its share (limit / shares) while it cannot reach the tier; with "
+            "neither, each process's share. `gunicorn.conf.py` sets it to its worker count; with several instances and "
+            "no Redis, set it to the total number of worker processes (see [Running several "
+            "processes](operations.md#running-several-processes-and-instances))."
+        },
+    )
+    BUDGET_MAX_WAIT_SECONDS = _seconds(
+        1.0,
+        maximum=1.4,
+        metadata={
+            "description": "The longest a live request waits for its slot in the budget; it never waits past what its "
+            "deadline leaves for the call (`REQUEST_DEADLINE_SECONDS` less 0.5 s). At the steady rate a slot frees "
+            "every 60 s / limit (0.5 s at 120 a minute), so the default reaches the next slot at any limit of 60 a "
+            "minute or more."
+        },
+    )
+    UPSTREAM_429_BACKOFF_SECONDS = _seconds(
+        30.0,
+        minimum=1,
+        maximum=3600,
+        metadata={"description": "Pause after a 429 from Amplitude that has no `Retry-After`."},
+    )
+    UPSTREAM_CONNECT_TIMEOUT = _seconds(
+        0.5,
+        minimum=0.01,
+        maximum=1.4,
+        metadata={
+            "description": "Connect timeout of an Amplitude call, in seconds. The budget counts grants in a window of "
+            "60.1 s plus this."
+        },
+    )
+    UPSTREAM_READ_TIMEOUT = _seconds(
+        1.0,
+        minimum=0.01,
+        maximum=1.4,
+        metadata={"description": "Read timeout of an Amplitude call (each read), in seconds."},
+    )
+    UPSTREAM_MAX_BODY_BYTES = _count(
+        1_000_000, minimum=1024, metadata={"description": "Larger Amplitude answers are treated as failures."}
+    )
+    UPSTREAM_CONCURRENCY = _count(
+        32,
+        maximum=1024,
+        metadata={
+            "description": "Connections kept open to Amplitude, and threads for background refreshes, per process."
+        },
+    )
+    REQUEST_DEADLINE_SECONDS = _seconds(
+        1.5,
+        minimum=0.1,
+        maximum=1.9,
+        metadata={
+            "description": "Every response is sent within this time of arrival (Braze gives 2 s). An upstream call is "
+            "cut at the same deadline, whatever stage it is in."
+        },
+    )
+    BREAKER_FAILURE_THRESHOLD = _count(
+        5, metadata={"description": "Consecutive upstream failures that open the circuit."}
+    )
+    BREAKER_COOLDOWN_SECONDS = _seconds(
+        10.0,
+        minimum=0.1,
+        maximum=3600,
+        metadata={"description": "How long the circuit stays open before one probe call goes through."},
+    )
+    REDIS_URL = mf.String(
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": "For example `redis://redis:6379/0`: share cache, budget, back-off and single-flight across "
+            "processes and instances. Not with `SHARED_STATE_PATH`."
+        },
+    )
+    REDIS_TIMEOUT_SECONDS = _seconds(
+        0.1,
+        minimum=0.005,
+        maximum=1.0,
+        metadata={"description": "Redis socket timeout; a slow or absent Redis is skipped, never waited on."},
+    )
+    SHARED_STATE_PATH = mf.String(
+        load_default=None,
+        allow_none=True,
+        validate=_state_file,
+        metadata={
+            "description": "Without Redis: an absolute path to a SQLite file through which the processes of this "
+            "machine share cache, budget, back-off and single-flight. `gunicorn.conf.py` with several workers and "
+            "neither setting makes one in a private temporary directory, removed when the master exits; name a file "
+            "(in an existing directory, owned by the service's user) to keep the budget's log and the cache across "
+            "restarts. Not with `REDIS_URL`."
+        },
+    )
+    ALLOWED_CIDRS = CidrList(
+        load_default=(),
+        metadata={
+            "description": "Who may call: networks, addresses and Braze clusters by name, mixed: "
+            "`braze:US-01,203.0.113.0/24,198.51.100.7`. `braze:` and the cluster as Braze writes it (`US-01` to "
+            "`US-08`, `US-10`, `EU-01`, `EU-02`, `AU-01`, `ID-01`, `JP-01`, `KR-01`) stands for the addresses Braze "
+            "publishes for that cluster (see [Security](operations.md#security)). Others get 403 before any other "
+            "work; `/healthz` and `/readyz` stay open for probes. Empty: everyone may call."
+        },
+    )
+    TRUSTED_PROXY_COUNT = mf.Integer(
+        load_default=0,
+        strict=False,
+        validate=Range(min=0, max=10),
+        metadata={
+            "description": "How many proxies append to `X-Forwarded-For` in front of the service (the front counts: "
+            "`make run-prod`, compose and Kubernetes set `1`). The client address is the entry that many places from "
+            "the right, and only when the connection comes from `FORWARDED_ALLOW_IPS`; anyone else's header is "
+            "ignored."
+        },
+    )
+    FORWARDED_ALLOW_IPS = ProxyList(
+        load_default=("127.0.0.1", "::1"),
+        metadata={
+            "description": "The proxies (addresses or networks, never `*`) whose forwarded headers count: one list for "
+            "gunicorn (`X-Forwarded-Proto`) and the app (`X-Forwarded-For`, and the front's `X-Request-Start`)."
+        },
+    )
+    AUTH_FAILURE_LIMIT_PER_MINUTE = _count(
+        20,
+        minimum=0,
+        metadata={
+            "description": "Failed authentications per address and minute; past it, further failures from that address "
+            "get 429 at once (valid keys still pass). `0` turns the brake off."
+        },
+    )
     CALLER_MISS_LIMIT_PER_MINUTE = mf.Integer(load_default=None, allow_none=True, strict=False,
-                                              validate=Range(min=1))  # fmt: skip
-    BULK_CALLERS = CommaList(load_default=())
-    RECOMMENDATIONS_FETCH = mf.String(load_default="with_profile", validate=OneOf(["with_profile", "when_asked"]))
-    BRAZE_FAILURE_WARN_SHARE = mf.Float(load_default=0.5, validate=Range(min=0.01, max=1.0))
-    BRAZE_FAILURE_WARN_MIN = _count(300, minimum=1)
-    DEMO_MODE = mf.Boolean(load_default=False)
-    LOG_LEVEL = mf.String(load_default="INFO", validate=OneOf(["DEBUG", "INFO", "WARNING", "ERROR"]))
-    ACCESS_LOG = mf.Boolean(load_default=True)
-    LOG_USER_IDS = mf.Boolean(load_default=False)
-    PREVIEW_PAGE = mf.Boolean(load_default=False)
+                                              validate=Range(min=1), metadata={"description":
+        "Upstream calls one caller key may cause per minute (per process's share), an abuse guard against a leaked "
+        "key streaming random ids. Off when empty: on a single-caller deployment it could only waste "
+        "budget."})  # fmt: skip
+    BULK_CALLERS = CommaList(
+        load_default=(),
+        metadata={
+            "description": "Caller key names (from `PROXY_API_KEYS`) whose lookups are bulk work, for example `warm` "
+            "(see [Live before bulk](templates.md#live-before-bulk))."
+        },
+    )
+    RECOMMENDATIONS_FETCH = mf.String(
+        load_default="with_profile",
+        validate=OneOf(["with_profile", "when_asked"]),
+        metadata={
+            "description": "`with_profile`: the configured recommendations come with every profile (one call per user "
+            "answers every route). `when_asked`: only recommendation and whole-profile routes ask Amplitude for them "
+            "(see [Recommendation exposure](templates.md#recommendation-exposure))."
+        },
+    )
+    BRAZE_FAILURE_WARN_SHARE = mf.Float(
+        load_default=0.5,
+        validate=Range(min=0.01, max=1.0),
+        metadata={
+            "description": "Log a warning when, in the last minute, at least this share of answers were ones Braze "
+            "counts as failures (and at least `BRAZE_FAILURE_WARN_MIN` of them)."
+        },
+    )
+    BRAZE_FAILURE_WARN_MIN = _count(
+        300, minimum=1, metadata={"description": "The fewest failures in the last minute for that warning."}
+    )
+    DEMO_MODE = mf.Boolean(
+        load_default=False,
+        metadata={"description": "Set by `make run` when it serves simulator data; only changes the start-up log."},
+    )
+    LOG_LEVEL = mf.String(
+        load_default="INFO",
+        validate=OneOf(["DEBUG", "INFO", "WARNING", "ERROR"]),
+        metadata={"description": "`DEBUG`, `INFO`, `WARNING` or `ERROR`."},
+    )
+    ACCESS_LOG = mf.Boolean(load_default=True, metadata={"description": "One JSON line per request on stdout."})
+    LOG_USER_IDS = mf.Boolean(
+        load_default=False,
+        metadata={"description": "Put the user or device id in access lines (off: only the route template)."},
+    )
+    PREVIEW_PAGE = mf.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Serve the template preview page at `GET /preview` (see [The page](templates.md#the-page))."
+        },
+    )
 
     @validates_schema
     def _check_bulk_callers(self, data: dict[str, Any], **kwargs: Any) -> None:

@@ -1,7 +1,7 @@
 """Deterministic profile data per identity, shaped as Amplitude's User Profile API answers.
 
 Everything derives from sha256 of ``kind:identity[:part]`` (kind ``user`` or ``device``), so
-an id always gets the same profile, in every process. The rules (the README and the tests
+an id always gets the same profile, in every process. The rules (the docs and the tests
 rely on them):
 
 - an id starting with ``unknown`` (``unknown-1``) has never been seen: the unknown-user error,

@@ -11,7 +11,8 @@ import pytest
 
 from app.__main__ import main as app_main
 from app.preview.cli import main
-from tests.conftest import BRAZE_KEY, ROOT
+from tests.conftest import BRAZE_KEY
+from tests.doc_examples import liquid_examples
 
 PROFILE_URL = "https://proxy.example.com/v1/users/{{${user_id} | url_param_escape}}"
 CALL = "{% connected_content " + PROFILE_URL + " :basic_auth amp_proxy :save p %}"
@@ -191,27 +192,28 @@ def test_text_output_shows_the_warning_with_its_line(quiet_service, tmp_path, ca
     assert out == "\nHi Linus!\n"
 
 
-# --- README: every Liquid example renders cleanly against `make run`'s demo configuration ----------------------
+# --- README.md and docs/*.md: every Liquid example renders cleanly against `make run`'s demo configuration -----
 
-README_BLOCKS = re.findall(r"```liquid\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.DOTALL)
+DOC_EXAMPLES = liquid_examples()
 
 
-def test_the_readme_has_liquid_examples():
-    assert len(README_BLOCKS) >= 10
+def test_the_docs_have_liquid_examples():
+    assert len(DOC_EXAMPLES) >= 10
+    assert any(example.page.name == "README.md" for example in DOC_EXAMPLES)
 
 
 @pytest.mark.parametrize("user", ["user-42", "control-1"])
-def test_every_readme_example_renders_without_warnings(user, quiet_service, tmp_path, capsys):
+def test_every_doc_example_renders_without_warnings(user, quiet_service, tmp_path, capsys):
     # A Canvas message step reads the profile a Context step saved: give it one, as Braze would.
     profile = quiet_service.get(f"/v1/users/{user}").json()
     attributes = tmp_path / "attributes.json"
     attributes.write_text(json.dumps({"first_name": "Ada", "context": {"amp_profile": profile}}))
-    for number, block in enumerate(README_BLOCKS, 1):
+    for example in DOC_EXAMPLES:
         code, result = run_json(
             capsys,
             quiet_service,
             tmp_path,
-            block,
+            example.text,
             "--user",
             user,
             "--attributes",
@@ -219,10 +221,10 @@ def test_every_readme_example_renders_without_warnings(user, quiet_service, tmp_
             "--credential",
             f"amp_proxy=braze:{BRAZE_KEY}",
         )
-        assert result["warnings"] == [], f"README example {number}:\n{block}"
-        assert result["aborted"] is None and result["rendered"] is not None, f"README example {number}"
-        assert all(call["status"] == 200 for call in result["calls"]), f"README example {number}"
-        assert code == 0
+        assert result["warnings"] == [], f"{example}:\n{example.text}"
+        assert result["aborted"] is None and result["rendered"] is not None, f"{example}"
+        assert all(call["status"] == 200 for call in result["calls"]), f"{example}"
+        assert code == 0, f"{example}"
 
 
 # --- Dry run -----------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``GET /preview``: the renderer as a page, in-process lookups only, shown safely in a real headless Chromium.
 
-Set ``PREVIEW_SCREENSHOT=docs/preview.png`` to refresh the README's screenshot from the browser test.
+Set ``PREVIEW_SCREENSHOT=docs/preview.png`` to refresh docs/templates.md's screenshot from the browser test.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import pytest
 import requests
 
 from tests.conftest import BRAZE_KEY, ROOT
+from tests.doc_examples import examples
 
 ADMIN_KEY = "test-admin-key-0003"
-README = (ROOT / "README.md").read_text(encoding="utf-8")
-# The first example of "Writing templates": the whole profile, saved once.
-EXAMPLE = re.findall(r"```liquid\n(.*?)```", README.split("## Writing templates", 1)[1], re.DOTALL)[0]
+# The first example of docs/templates.md's "Writing templates": the whole profile, saved once.
+EXAMPLE = examples("liquid", (ROOT / "docs" / "templates.md",), after="\n## Writing templates\n")[0].text
 SCRIPT = "<script>document.title='pwned'</script>"
 
 

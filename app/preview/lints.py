@@ -9,7 +9,7 @@ from app.preview.analysis import BRAZE_ROOTS, RECIPIENT_ROOTS, Analysis, CallSit
 from app.preview.braze import ATTRIBUTES
 from app.preview.results import TemplateWarning
 
-#: The lints, in the order they are reported; README "Preview a message" describes each.
+#: The lints, in the order they are reported; docs/templates.md ("Lints") describes each.
 CODES = (
     "url-without-recipient",
     "id-not-escaped",

@@ -21,7 +21,7 @@ from pathlib import Path
 TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.template"
 
 #: The errors the front answers itself: status → (error code, message). The codes match
-#: the service's and gunicorn's (app/http/worker.py) where the cause is the same.
+#: the service's (app/errors.py) where the cause is the same.
 FRONT_ERRORS: dict[int, tuple[str, str]] = {
     400: ("invalid_request", "the request is not valid HTTP"),
     405: ("method_not_allowed", "the method is not allowed"),
