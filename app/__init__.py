@@ -39,6 +39,7 @@ def create_app(
     from app.http.ops import ops
     from app.http.security import parse_networks
     from app.http.views import v1
+    from app.http.webhooks import webhooks
     from app.observability import configure_logging
     from app.settings import load_settings
 
@@ -56,6 +57,7 @@ def create_app(
     register_gate(app)
     app.register_blueprint(ops)
     app.register_blueprint(v1)
+    app.register_blueprint(webhooks)
     if settings.preview_page:
         from app.preview.page import register as register_preview_page
 

@@ -73,6 +73,21 @@ class NoRecommendations(ApiError):
     message = "Amplitude has no recommendations for this user"
 
 
+class ProfileApiUnavailable(ApiError):
+    """``AMPLITUDE_REGION=eu``: the data would need the User Profile API, which does not exist there.
+
+    404, which Braze renders as empty content and neither retries nor counts towards an
+    unhealthy host: asking again can never succeed.
+    """
+
+    code = 404
+    error = "profile_api_unavailable"
+    message = (
+        "Amplitude's User Profile API does not exist in the EU region (AMPLITUDE_REGION=eu): only the membership "
+        "of cohorts kept by Cohort Webhooks can be answered"
+    )
+
+
 class RetryableError(ApiError):
     """An error Braze should retry later: always carries ``Retry-After``."""
 
@@ -100,9 +115,9 @@ class UpstreamMisconfigured(ApiError):
 
 
 #: The failures a ``default`` fallback may stand in for.
-FALLBACK_ERRORS = (UserNotFound, NoRecommendations, RetryableError, UpstreamMisconfigured)
+FALLBACK_ERRORS = (UserNotFound, NoRecommendations, RetryableError, UpstreamMisconfigured, ProfileApiUnavailable)
 
-_GENERIC_CODES = {404: "not_found", 405: "method_not_allowed"}
+_GENERIC_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -9,6 +9,7 @@ from app.admission import Admission
 from app.braze_health import BrazeFailureWatch
 from app.budget import CallerMissCaps, UpstreamBudget
 from app.clock import SYSTEM_CLOCK, Clock
+from app.cohorts.service import CohortWebhooks
 from app.core.breaker import CircuitBreaker
 from app.core.freshness import Freshness
 from app.core.query import QueryPlanner
@@ -47,6 +48,7 @@ class ProxyExtensions:
     gauges: GaugePublisher
     openapi: dict[str, Any] | None = None
     shared: SharedTier | None = None  # Redis, else the machine's SQLite file, else nothing
+    cohorts: CohortWebhooks | None = None  # with COHORT_WEBHOOK_SECRETS only
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> ProxyExtensions:
@@ -90,7 +92,9 @@ class ProxyExtensions:
             clock,
             call_seconds=settings.request_deadline_seconds,
             concurrency=settings.upstream_concurrency,
+            profile_api=settings.profile_api,
         )
+        cohorts = CohortWebhooks(settings, redis_tier, metrics, clock) if settings.cohort_webhook_secrets else None
         return cls(
             settings=settings,
             clock=clock,
@@ -108,9 +112,12 @@ class ProxyExtensions:
             braze_watch=braze_watch,
             gauges=gauges,
             shared=shared,
+            cohorts=cohorts,
         )
 
     def close(self) -> None:
+        if self.cohorts is not None:
+            self.cohorts.close()
         self.gauges.close()
         self.budget.close()
         self.profile_lookup.close()

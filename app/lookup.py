@@ -24,6 +24,7 @@ from app.core.policy import Action, decide
 from app.core.query import ProfileQuery
 from app.errors import (
     ApiError,
+    ProfileApiUnavailable,
     RateLimited,
     RetryableError,
     UpstreamMisconfigured,
@@ -79,6 +80,7 @@ class ProfileLookup:
         clock: Clock,
         call_seconds: float,
         concurrency: int,
+        profile_api: bool = True,
     ) -> None:
         self.store = store
         self.freshness: Freshness = store.freshness
@@ -86,6 +88,8 @@ class ProfileLookup:
         self.client = client
         self.clock = clock
         self.call_seconds = call_seconds
+        #: False in Amplitude's EU region, where the User Profile API does not exist.
+        self.profile_api = profile_api
         self._flights: dict[str, Future[Entry]] = {}
         self._flights_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upstream")
@@ -103,7 +107,10 @@ class ProfileLookup:
         :raises UserNotFound: Amplitude has not seen the identity (possibly cached).
         :raises RetryableError: no usable data and no upstream answer in time.
         :raises UpstreamMisconfigured: Amplitude rejects the service's key.
+        :raises ProfileApiUnavailable: ``AMPLITUDE_REGION=eu``: there is no User Profile API to ask.
         """
+        if not self.profile_api:
+            raise ProfileApiUnavailable()
         if query.identity.never_stored:
             _note(trace, "never_stored")
             raise UserNotFound()

@@ -54,7 +54,8 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0), registry=reg,
         )  # fmt: skip
         self.queue = Histogram(
-            "proxy_request_queue_seconds", "Time a request waited, from its arrival (the front's stamp), until the app started on it.",
+            "proxy_request_queue_seconds",
+            "Time a request waited, from its arrival (the front's stamp), until the app started on it.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0), registry=reg,
         )  # fmt: skip
         self.cache = Counter("proxy_cache_lookups", "Cache outcomes: hit, miss, stale, negative, never_stored.",
@@ -103,6 +104,21 @@ class Metrics:
                                      ["reason"], registry=reg)  # fmt: skip
         self.log_lines_dropped = Counter("proxy_log_lines_dropped", "Log lines dropped because stdout did not "
                                          "take them in time (a stalled log reader).", registry=reg)  # fmt: skip
+        # Cohort webhooks. The store is one place for every worker: the freshest reading wins.
+        self.cohort_batches = Counter("proxy_cohort_batches", "Cohort Webhooks batches by outcome: received, "
+                                      "queued, duplicate, refused (as received); applied, superseded, discarded, "
+                                      "lease_lost (as applied).", ["outcome"], registry=reg)  # fmt: skip
+        self.cohort_members = Gauge("proxy_cohort_members", "Members of each cohort kept by Cohort Webhooks.",
+                                    ["cohort"], multiprocess_mode="livemostrecent", registry=reg)  # fmt: skip
+        self.cohort_last_batch_age = Gauge("proxy_cohort_last_batch_age_seconds", "Seconds since each cohort's last "
+                                           "batch arrived (-1: none yet).", ["cohort"],
+                                           multiprocess_mode="livemostrecent", registry=reg)  # fmt: skip
+        self.cohort_authoritative = Gauge("proxy_cohort_authoritative", "1 when a cohort's membership is answered "
+                                          "from Cohort Webhooks alone, 0 when not (yet).", ["cohort"],
+                                          multiprocess_mode="livemostrecent", registry=reg)  # fmt: skip
+        self.cohort_silent = Gauge("proxy_cohort_silent", "1 when a cohort declared real-time (COHORT_REALTIME_IDS) "
+                                   "has had no batch for longer than COHORT_REALTIME_MAX_SILENCE_SECONDS.",
+                                   ["cohort"], multiprocess_mode="livemostrecent", registry=reg)  # fmt: skip
 
     def count_request(self, route: str, status: int, caller: str, seconds: float) -> None:
         """Count one answered request; label children are cached (``labels()`` takes a lock)."""

@@ -16,7 +16,14 @@ from marshmallow.validate import OneOf, Range
 from app import braze_ranges
 
 #: Fields whose values are secrets: never shown by ``repr`` or in an error.
-SECRET_FIELDS = frozenset({"amplitude_secret_key", "caller_keys", "admin_keys"})
+SECRET_FIELDS = frozenset({"amplitude_secret_key", "caller_keys", "admin_keys", "cohort_webhook_secrets"})
+
+#: Webhook secrets an operator generates (``openssl rand -hex 32``); a short one could be guessed.
+MIN_WEBHOOK_SECRET_LENGTH = 16
+#: Two are enough to rotate one while the other works; a few more do no harm.
+MAX_WEBHOOK_SECRETS = 5
+#: A cohort id as Amplitude shows it is a short token; a longer value is a mistake.
+MAX_COHORT_ID_BYTES = 128
 
 #: An admitted call that cannot start within this time of its slot is not sent at all.
 SEND_ALLOWANCE_SECONDS = 0.1
@@ -40,7 +47,8 @@ class CallerKey:
 class Settings:
     """Everything the service reads from its environment."""
 
-    amplitude_secret_key: str
+    amplitude_secret_key: str = ""
+    amplitude_region: str = "us"
     amplitude_api_url: str = "https://profile-api.amplitude.com"
     allow_insecure_upstream: bool = False
     caller_keys: tuple[CallerKey, ...] = ()
@@ -83,6 +91,10 @@ class Settings:
     access_log: bool = True
     log_user_ids: bool = False
     preview_page: bool = False
+    cohort_webhook_secrets: tuple[str, ...] = ()
+    cohort_settle_seconds: float = 300.0
+    cohort_realtime_ids: tuple[str, ...] = ()
+    cohort_realtime_max_silence_seconds: float = 900.0
 
     def __repr__(self) -> str:
         shown = []
@@ -101,6 +113,11 @@ class Settings:
         reaches Amplitude or is never sent (it must start within ``SEND_ALLOWANCE_SECONDS`` of
         its slot and connect within the connect timeout), so Amplitude's 60 s never sees more."""
         return 60.0 + SEND_ALLOWANCE_SECONDS + self.upstream_connect_timeout
+
+    @property
+    def profile_api(self) -> bool:
+        """Whether the User Profile API exists where the project's data lives (not in Amplitude's EU region)."""
+        return self.amplitude_region == "us"
 
     @property
     def upstream_profile_url(self) -> str:
@@ -180,6 +197,36 @@ class ProxyList(CommaList):
         return entries
 
 
+class SecretList(mf.Field):
+    """Comma-separated secrets, each long and free of whitespace; never echoed in an error."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        if not isinstance(value, str):
+            raise ValidationError("must be a comma-separated string")
+        secrets = tuple(part.strip() for part in value.split(",") if part.strip())
+        if len(secrets) > MAX_WEBHOOK_SECRETS:
+            raise ValidationError(f"must list at most {MAX_WEBHOOK_SECRETS} secrets")
+        for position, secret in enumerate(secrets, 1):
+            if len(secret) < MIN_WEBHOOK_SECRET_LENGTH:
+                raise ValidationError(f"entry {position} is shorter than {MIN_WEBHOOK_SECRET_LENGTH} characters")
+            if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in secret) or not secret.isascii():
+                raise ValidationError(f"entry {position} must be printable ASCII without spaces")
+        if len(set(secrets)) != len(secrets):
+            raise ValidationError("must not repeat a secret")
+        return secrets
+
+
+class CohortIdList(CommaList):
+    """Comma-separated cohort ids, as Amplitude shows them on the cohort's page."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        ids = super()._deserialize(value, attr, data, **kwargs)
+        for cohort_id in ids:
+            if len(cohort_id.encode()) > MAX_COHORT_ID_BYTES or not cohort_id.isprintable():
+                raise ValidationError(f"{cohort_id[:40]!r} is not a cohort id")
+        return ids
+
+
 def _not_blank(value: str) -> None:
     if not value.strip():
         raise ValidationError("must not be blank")
@@ -212,11 +259,20 @@ class SettingsSchema(Schema):
         unknown = EXCLUDE
 
     AMPLITUDE_SECRET_KEY = mf.String(
-        required=True,
-        validate=_not_blank,
+        load_default="",
         metadata={
             "description": "The Amplitude project's secret key. Only ever sent to Amplitude, in the `Authorization` "
-            "header."
+            "header. Required unless `AMPLITUDE_REGION=eu`."
+        },
+    )
+    AMPLITUDE_REGION = mf.String(
+        load_default="us",
+        validate=OneOf(["us", "eu"]),
+        metadata={
+            "description": "Where the Amplitude project's data lives. `eu`: the User Profile API does not exist there, "
+            "so the service never calls it; cohort membership is answered from Cohort Webhooks alone and every other "
+            "data route answers `404 profile_api_unavailable` (or the URL's `default`). See "
+            "[EU mode](cohorts.md#eu-mode)."
         },
     )
     AMPLITUDE_API_URL = mf.Url(
@@ -482,6 +538,42 @@ class SettingsSchema(Schema):
         },
     )
 
+    COHORT_WEBHOOK_SECRETS = SecretList(
+        load_default=(),
+        metadata={
+            "description": "Secrets Amplitude's Cohort Webhooks destination sends as `Authorization: Bearer SECRET` "
+            "(comma-separated, so one can be rotated while the other still works; each at least "
+            f"{MIN_WEBHOOK_SECRET_LENGTH} characters, never a caller or admin key). Without one, "
+            "`POST /v1/webhooks/amplitude/cohorts` answers 404. See [Cohort webhooks](cohorts.md)."
+        },
+    )
+    COHORT_SETTLE_SECONDS = _seconds(
+        300.0,
+        minimum=1,
+        maximum=86_400,
+        metadata={
+            "description": "Quiet, in seconds, after the last batch of a cohort's full sync before the cohort is "
+            "authoritative (answered from the webhooks alone). Batches of one sync follow each other within seconds "
+            "and a batch Amplitude failed to deliver is retried within minutes."
+        },
+    )
+    COHORT_REALTIME_IDS = CohortIdList(
+        load_default=(),
+        metadata={
+            "description": "Cohorts synced with Amplitude's real-time cadence: watched, and alerted on when silent "
+            "for longer than `COHORT_REALTIME_MAX_SILENCE_SECONDS`."
+        },
+    )
+    COHORT_REALTIME_MAX_SILENCE_SECONDS = _seconds(
+        900.0,
+        minimum=60,
+        maximum=30 * 86_400,
+        metadata={
+            "description": "How long a real-time cohort may go without a batch before it counts as silent. "
+            "Amplitude checks every minute but sends only changes, so a quiet cohort is silent too."
+        },
+    )
+
     @validates_schema
     def _check_bulk_callers(self, data: dict[str, Any], **kwargs: Any) -> None:
         names = {key.name for key in data.get("PROXY_API_KEYS") or ()}
@@ -490,7 +582,21 @@ class SettingsSchema(Schema):
             raise ValidationError(f"names no key in PROXY_API_KEYS: {', '.join(sorted(unknown))}", "BULK_CALLERS")
 
     @validates_schema
+    def _check_webhook_secrets(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # Amplitude's secret and Braze's key travel in the same header: one value for both
+        # would let a caller write batches (and Amplitude read profiles).
+        secrets = set(data.get("COHORT_WEBHOOK_SECRETS") or ())
+        for variable in ("PROXY_API_KEYS", "ADMIN_API_KEYS"):
+            if secrets & {key.key for key in data.get(variable) or ()}:
+                raise ValidationError(f"must not repeat a key of {variable}", "COHORT_WEBHOOK_SECRETS")
+
+    @validates_schema
     def _check_combinations(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("AMPLITUDE_REGION", "us") == "us" and not (data.get("AMPLITUDE_SECRET_KEY") or "").strip():
+            raise ValidationError(
+                "is required (the User Profile API needs it; only AMPLITUDE_REGION=eu runs without it)",
+                "AMPLITUDE_SECRET_KEY",
+            )
         if not data.get("PROXY_API_KEYS") and not data.get("ALLOW_OPEN_ACCESS"):
             raise ValidationError(
                 "no caller keys: set PROXY_API_KEYS, or ALLOW_OPEN_ACCESS=true to run without authentication",

@@ -122,7 +122,9 @@ class Group:
 #: The order of the pages. A setting in no group lands in "Other settings"; a name here that
 #: nothing reads is left out.
 GROUPS = (
-    Group("Amplitude", "", ("AMPLITUDE_SECRET_KEY", "AMPLITUDE_API_URL", "ALLOW_INSECURE_UPSTREAM")),
+    Group(
+        "Amplitude", "", ("AMPLITUDE_SECRET_KEY", "AMPLITUDE_REGION", "AMPLITUDE_API_URL", "ALLOW_INSECURE_UPSTREAM")
+    ),
     Group(
         "Callers",
         "Who may call, and how their keys are checked. See [Security](operations.md#security).",

@@ -66,7 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
             length, self.close_connection = 0, True  # the body's end is unknown: no keep-alive
         raw = self.rfile.read(length) if length > 0 else b""
         path = self.path.partition("?")[0]
-        if path not in ("/_sim/reset", "/_sim/config"):
+        if path not in ("/_sim/reset", "/_sim/config", "/_sim/push"):
             self._write(NOT_FOUND)
             return
         try:
@@ -75,6 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError("the body must be a JSON object")
             if path == "/_sim/reset":
                 sim.reset(reset_config=bool(payload.get("reset_config")))
+            elif path == "/_sim/push":
+                _push(sim, payload)
             else:
                 _configure(sim, payload)
         except (ValueError, TypeError) as exc:
@@ -196,6 +198,25 @@ class _Handler(BaseHTTPRequestHandler):
         # The socket really closes only once its reader is closed too.
         self.rfile.close()
         self.connection.close()
+
+
+def _push(sim: AmplitudeSimulator, payload: dict[str, Any]) -> None:
+    """Apply ``POST /_sim/push``: start posting Cohort Webhooks batches (``url``, ``secret``, and
+    optionally ``cohorts``, ``users``, ``every``), as ``--push-url`` does at start."""
+    url, secret = payload.get("url"), payload.get("secret")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError("url must be the receiver's http(s) URL")
+    if not isinstance(secret, str) or not secret:
+        raise ValueError("secret must be the webhook secret")
+    cohorts = payload.get("cohorts", ["cohort_vip"])
+    if not isinstance(cohorts, list) or not cohorts or not all(isinstance(c, str) and c for c in cohorts):
+        raise ValueError("cohorts must be a list of cohort ids")
+    users, every = payload.get("users", 5000), payload.get("every", 0)
+    if isinstance(users, bool) or not isinstance(users, int) or not 1 <= users <= 1_000_000:
+        raise ValueError("users must be an int from 1 to 1000000")
+    if isinstance(every, bool) or not isinstance(every, int | float) or every < 0:
+        raise ValueError("every must be a number of seconds >= 0")
+    sim.push_cohorts(url, secret, tuple(cohorts), users, float(every))
 
 
 def _configure(sim: AmplitudeSimulator, payload: dict[str, Any]) -> None:

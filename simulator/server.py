@@ -14,6 +14,7 @@ from typing import Any
 
 from simulator import data
 from simulator.handler import _Handler
+from simulator.pushes import CohortPushes
 
 #: Each fault mode and the options it takes.
 FAULT_OPTIONS: dict[str, frozenset[str]] = {
@@ -106,6 +107,7 @@ class AmplitudeSimulator:
         self._open = threading.Event()  # cleared by hold(): answers wait until release()
         self._open.set()
         self._thread: threading.Thread | None = None
+        self._pushes: list[CohortPushes] = []
         self._server = _Server((host, port), _Handler)
         self._server.simulator = self
 
@@ -133,6 +135,8 @@ class AmplitudeSimulator:
         """Stop serving, end waiting faults and close open connections."""
         self._stopping.set()
         self._open.set()
+        for pushes in self._pushes:
+            pushes.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._server.shutdown()
         self._server.server_close()
@@ -240,12 +244,28 @@ class AmplitudeSimulator:
         }
 
     def stats(self) -> dict[str, Any]:
-        """What ``GET /_sim/stats`` answers."""
-        return {
+        """What ``GET /_sim/stats`` answers (with ``pushes`` once cohort pushes started)."""
+        stats: dict[str, Any] = {
             "calls": self.calls,
             "by_status": {str(status): n for status, n in sorted(self.count_by_status().items())},
             "max_in_60s": self.max_in_window(60.0),
         }
+        if self._pushes:
+            stats["pushes"] = [pushes.report() for pushes in self._pushes]
+        return stats
+
+    def push_cohorts(
+        self, url: str, secret: str, cohort_ids: tuple[str, ...] = ("cohort_vip",), users: int = 5000,
+        every: float = 0.0,
+    ) -> CohortPushes:  # fmt: skip
+        """POST Cohort Webhooks batches to *url* in the background, as Amplitude would, until :meth:`stop`.
+
+        Each cohort's members are those the profile data gives (see :mod:`simulator.pushes`).
+        """
+        pushes = CohortPushes(url, secret, cohort_ids, users, every, stopping=self._stopping)
+        self._pushes.append(pushes)
+        pushes.start()
+        return pushes
 
     # -- used by the handler ---------------------------------------------------------------
 

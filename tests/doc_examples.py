@@ -3,6 +3,11 @@
 A Liquid example is a ```liquid block. A curl example is a ``curl`` command line in a ```sh
 or ```bash block; it answers 2xx unless its trailing comment starts with the status it
 demonstrates (``curl ... /v1/users/unknown-1/cohorts   # 404 user_not_found``).
+
+An example that needs what the test's demo service does not have (Amplitude's pushes, an
+admin key, a file to send) says so in its trailing comment, ``# not run: WHY``; it is still
+parsed (its options must be understood) but not run. It may give the status it shows
+before the reason (``# 200, not run: needs the demo's pushes``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ DEMO_URL = "http://localhost:8000"
 
 _FENCE = re.compile(r"^```([A-Za-z]*)\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 _EXPECTED = re.compile(r"\s#\s*([1-5]\d\d)\b")
+_NOT_RUN = re.compile(r"\s#.*?\bnot run:\s*(.+?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class CurlCall:
     auth: tuple[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     expected: int | None = None  # None: any 2xx
+    method: str = "GET"
+    data: str | None = None  # as given to -d (``@FILE`` names a file)
+    not_run: str | None = None  # why the example cannot run against the test's demo service
 
     def __str__(self) -> str:
         return f"{self.example.page.relative_to(ROOT)}:{self.line}"
@@ -69,8 +78,9 @@ class CurlCall:
 def parse_curl(example: Example, line: int, command: str) -> CurlCall:
     """One ``curl`` command line; an option this parser does not know is an error (keep examples simple)."""
     expected = _EXPECTED.search(command)
+    not_run = _NOT_RUN.search(command)
     words = shlex.split(command, comments=True)
-    url, auth, headers = None, None, {}
+    url, auth, headers, method, data = None, None, {}, "GET", None
     position = 1
     while position < len(words):
         word = words[position]
@@ -82,6 +92,13 @@ def parse_curl(example: Example, line: int, command: str) -> CurlCall:
             name, _, value = words[position + 1].partition(":")
             headers[name.strip()] = value.strip()
             position += 1
+        elif word in ("-X", "--request"):
+            method = words[position + 1]
+            position += 1
+        elif word in ("-d", "--data", "--data-binary"):
+            data = words[position + 1]
+            method = "POST" if method == "GET" else method
+            position += 1
         elif word in ("-i", "-s", "-S", "-sS", "-f", "--fail", "--include", "--silent"):
             pass
         elif word.startswith("http://") or word.startswith("https://"):
@@ -91,7 +108,10 @@ def parse_curl(example: Example, line: int, command: str) -> CurlCall:
         position += 1
     if url is None:
         raise ValueError(f"{example} line {line}: curl without a URL")
-    return CurlCall(example, line, url, auth, headers, int(expected.group(1)) if expected else None)
+    return CurlCall(
+        example, line, url, auth, headers, int(expected.group(1)) if expected else None, method, data,
+        not_run.group(1) if not_run else None,
+    )  # fmt: skip
 
 
 def curl_calls() -> list[CurlCall]:

@@ -115,6 +115,10 @@ def test_the_dashboard_has_the_panels_an_operator_of_a_send_needs():
         "proxy_circuit_state",
         "proxy_redis_available",
         "histogram_quantile(0.99, sum by (le) (rate(proxy_request_duration_seconds_bucket",
+        "max by (cohort) (proxy_cohort_members)",  # members per cohort
+        "min by (cohort) (proxy_cohort_last_batch_age_seconds",  # age of each cohort's last batch
+        "sum by (outcome) (rate(proxy_cohort_batches_total",  # cohort batches by outcome
+        "max by (cohort) (proxy_cohort_authoritative)",  # authoritative per cohort
     ):
         assert needed in joined, needed
     shares = [expr for title, expr in queries if "failure share" in title.lower()]
@@ -134,6 +138,12 @@ def test_alerts_cover_the_readme_advice():
     shared_file = rules["SharedStateFileDown"]["expr"]
     assert "proxy_shared_file_available" in shared_file and "== 0" in shared_file
     assert "proxy_budget_tokens" in rules["BudgetSaturated"]["expr"] and rules["BudgetSaturated"]["for"] == "5m"
+    # A real-time cohort silent past COHORT_REALTIME_MAX_SILENCE_SECONDS (the service's gauge), and a cohort whose
+    # membership is not answered from its webhooks, each per cohort.
+    silent = rules["RealtimeCohortSilent"]["expr"]
+    assert "proxy_cohort_silent" in silent and "by (cohort)" in silent and "== 1" in silent
+    kept = rules["CohortNotAuthoritative"]["expr"]
+    assert "proxy_cohort_authoritative" in kept and "by (cohort)" in kept and "== 0" in kept
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]

@@ -51,8 +51,15 @@ def test_document_is_valid_openapi_and_lists_every_route(service):
         "/v1/{kind}/{id}/cohorts",
         "/v1/{kind}/{id}/cohorts/{cohort_id}",
         "/v1/{kind}/{id}/predictions/{prediction_id}",
+        "/v1/webhooks/amplitude/cohorts",
+        "/v1/admin/cohorts",
+        "/v1/admin/cohorts/open",
+        "/v1/admin/cohorts/{cohort_id}/arm",
     }
-    assert set(document["components"]["securitySchemes"]) == {"basicAuth", "bearerAuth", "apiKeyAuth"}
+    assert set(document["components"]["securitySchemes"]) == {"basicAuth", "bearerAuth", "apiKeyAuth", "webhookSecret"}
+    receiver = document["paths"]["/v1/webhooks/amplitude/cohorts"]["post"]
+    assert receiver["security"] == [{"webhookSecret": []}]
+    assert {"200", "400", "401", "413", "503"} <= set(receiver["responses"])
     rec = document["paths"]["/v1/{kind}/{id}/recommendations/{rec_id}"]["get"]
     assert {p["name"] for p in rec["parameters"]} == {"kind", "id", "rec_id", "limit", "rec_type", "default"}
     assert {"200", "400", "401", "404", "502", "503"} <= set(rec["responses"])

@@ -96,12 +96,13 @@ def test_single_property_and_missing_property(service):
 def test_cohorts_and_membership(service, sim):
     truth = upstream(sim, user_id="user-42", get_cohort_ids="true")["cohort_ids"]
     body = service.get("/v1/users/user-42/cohorts").json()
-    assert body == {"user_id": "user-42", "cohort_ids": truth, "count": len(truth)}
+    assert body == {"user_id": "user-42", "cohort_ids": truth, "count": len(truth), "source": "profile_api"}
     assert "cohort_vip" in truth
     assert service.get("/v1/users/user-42/cohorts/cohort_vip").json() == {
         "user_id": "user-42",
         "cohort_id": "cohort_vip",
         "member": True,
+        "source": "profile_api",
     }
     assert service.get("/v1/users/user-42/cohorts/not_a_cohort").json()["member"] is False
 

@@ -5,19 +5,28 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 import pytest
 import requests
 
+from app.cohorts.errors import CohortQueueUnavailable
+from app.cohorts.receiver import Receipt
+from app.cohorts.store import LocalCohortStore
 from simulator import AmplitudeSimulator, RecordedRequest
 from simulator.data import COHORTS, COMPUTATIONS, recommendation
+from simulator.pushes import CohortPlan, CohortPusher
 from testkit import wait_until
+from testkit.clock import FakeClock
+from tests.cohort_support import SECRET, SETTLE, CohortRig, serve_receiver  # noqa: F401 - a fixture
 
 KEY = "sim-secret-key"
 AUTH = {"Authorization": f"Api-Key {KEY}"}
@@ -537,3 +546,145 @@ def test_hold_keeps_requests_in_flight_until_release(sim, http):
         assert not pending.done()
         sim.release()
         assert pending.result(timeout=10).status_code == 200
+
+
+# -- cohort webhooks pushes ------------------------------------------------------------------
+
+
+def test_the_push_plan_agrees_with_the_profile_api(sim, http):
+    plan = CohortPlan("cohort_vip", users=400, properties=False)
+    for user in plan.population[::4]:
+        cohorts = get(http, sim, f"user_id={user}&get_cohort_ids=true").json()["userData"]["cohort_ids"]
+        assert ("cohort_vip" in cohorts) == (user in plan.truth) == plan.member(user)
+    # The full sync, then the changes in order, end exactly at the truth.
+    members: set[str] = set()
+    for sync in plan.syncs():
+        for batch in sync:
+            members = members | set(batch.user_ids) if batch.in_cohort else members - set(batch.user_ids)
+    assert members == plan.truth and plan.joiners and plan.leavers and plan.flappers
+
+
+def test_deliveries_repeat_reorder_and_hold_back_like_amplitude():
+    plan = CohortPlan("cohort_vip", users=4000, batch_size=300, properties=False)
+    full, changes, again = plan.syncs()
+    order = plan.deliveries()
+    assert len(order) > len({batch.message_id for batch in order}) == len(full) + len(changes) + len(again)
+    assert order[-1] == full[-1]  # a full-sync batch after every change
+    assert order.index(again[0]) < min(order.index(batch) for batch in changes)  # T2 before T1
+    assert max(len(batch.user_ids) for batch in order) == 300
+    payload = orjson.loads(order[0].body)
+    assert set(payload) == {"cohort_name", "cohort_id", "in_cohort", "computed_time", "message_id", "users"}
+    assert payload["computed_time"] == str(plan.times[0]) and "::enter::" in payload["message_id"]
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A receiver that records each POST and answers the next status of its script (then 200)."""
+
+    statuses: list[int] = []
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append((dict(self.headers.items()), body))
+        status = type(self).statuses.pop(0) if type(self).statuses else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, type[_Recorder]]]:
+    handler = type("Recorder", (_Recorder,), {"statuses": [], "received": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_push_carries_amplitudes_headers_and_is_retried_until_a_200(recorder):
+    url, handler = recorder
+    handler.statuses = [503, 500]
+    pauses: list[float] = []
+    pusher = CohortPusher(url, "push-secret-0000000001", sleep=pauses.append)
+    batch = CohortPlan("cohort_vip", users=50).syncs()[0][0]
+    result = pusher.push(batch)
+    assert (result.status, result.attempts, pauses) == (200, 3, [0.1, 0.2])
+    headers, body = handler.received[-1]
+    assert headers["Content-Type"] == "application/json"
+    assert headers["User-Agent"] == "Amplitude/Webhook/1.0"
+    assert headers["Authorization"] == "Bearer push-secret-0000000001"
+    assert body == batch.body and [sent for _, sent in handler.received] == [batch.body] * 3  # the same message
+    pusher.close()
+
+
+def test_retries_are_bounded(recorder):
+    url, handler = recorder
+    handler.statuses = [500] * 10
+    pauses: list[float] = []
+    pusher = CohortPusher(url, "push-secret-0000000001", attempts=5, max_backoff=0.5, sleep=pauses.append)
+    result = pusher.push(CohortPlan("cohort_vip", users=50).syncs()[0][0])
+    assert (result.status, result.attempts, pauses) == (500, 5, [0.1, 0.2, 0.4, 0.5])
+    assert pusher.statuses == [500] * 5
+    pusher.close()
+
+
+def test_the_simulator_keeps_a_cohort_by_pushes_that_agree_with_its_profile_api(http, serve_receiver):  # noqa: F811
+    clock = FakeClock(start=time.time())  # the batches carry real computed times
+    rig = CohortRig(LocalCohortStore(clock), clock)
+    rig.membership.open()
+    flaky = {"left": 2}
+    receive = rig.receiver.receive
+
+    def receive_after_two_failures(body: bytes, authorization: str | None) -> Receipt:
+        if flaky["left"]:
+            flaky["left"] -= 1
+            raise CohortQueueUnavailable()  # Amplitude retries the same message
+        return receive(body, authorization)
+
+    rig.receiver.receive = receive_after_two_failures  # type: ignore[method-assign]
+    served = serve_receiver(rig.receiver)
+    with AmplitudeSimulator(port=0, rate_limit_per_minute=None) as own:
+        pushes = own.push_cohorts(served.url, SECRET, ("cohort_vip",), users=3000)
+        plan = pushes.plans[0]
+        expected = len(plan.deliveries())
+        wait_until(lambda: len(pushes.results) == expected, timeout=30)
+        assert all(result.status == 200 for result in pushes.results)
+        report = own.stats()["pushes"][0]
+        assert report == {"batches": expected, "delivered": expected, "failed": 0, "attempts": expected + 2}
+        assert rig.receiver.counts["duplicate"] > 0
+        rig.apply_all()
+        clock.advance(SETTLE)
+        answers = rig.answers("cohort_vip", plan.population)
+        assert answers == {user: user in plan.truth for user in plan.population}
+        for user in plan.population[::50]:
+            query = f"user_id={user}&get_cohort_ids=true"
+            cohorts = get(http, own, query).json()["userData"]["cohort_ids"]
+            assert ("cohort_vip" in cohorts) is answers[user]
+
+
+def test_command_line_pushes_to_a_receiver(serve_receiver):  # noqa: F811
+    clock = FakeClock(start=time.time())
+    rig = CohortRig(LocalCohortStore(clock), clock)
+    served = serve_receiver(rig.receiver)
+    env = {"PATH": "/usr/bin:/bin", "SIMULATOR_PUSH_SECRET": SECRET}
+    argv = [sys.executable, "-m", "simulator", "--port", "0", "--push-url", served.url, "--push-users", "2000"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: rig.receiver.counts["queued"] >= 3, timeout=30)
+    finally:
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 0, stderr
+    assert "pushing cohorts cohort_vip to" in stdout
+    assert rig.receiver.counts["refused:unauthorized"] == 0
+
+
+def test_command_line_push_needs_a_secret():
+    argv = [sys.executable, "-m", "simulator", "--port", "0", "--push-url", "http://127.0.0.1:9/hook"]
+    done = subprocess.run(argv, cwd=ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--push-secret" in done.stderr

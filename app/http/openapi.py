@@ -17,6 +17,11 @@ SECURITY_SCHEMES = {
     "basicAuth": {"type": "http", "scheme": "basic", "description": "Any user name; the caller key as password."},
     "bearerAuth": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer KEY`."},
     "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "webhookSecret": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "One of COHORT_WEBHOOK_SECRETS, as Amplitude's Cohort Webhooks destination sends it.",
+    },
 }
 CALLER_SECURITY: list[dict[str, list[str]]] = [{"basicAuth": []}, {"bearerAuth": []}, {"apiKeyAuth": []}]
 
@@ -24,10 +29,27 @@ _DATA_ERRORS = {
     400: "Invalid id or parameter (`invalid_request`, with `field`).",
     401: "Missing or wrong caller key (`unauthorized`).",
     403: "The caller's address is not allowed (`forbidden`).",
-    404: "`user_not_found`, `no_recommendations` or `not_found`.",
+    404: "`user_not_found`, `no_recommendations` or `not_found`; with AMPLITUDE_REGION=eu, "
+    "`profile_api_unavailable` or `cohort_not_kept`.",
     429: "Too many failed authentications from this address (`too_many_auth_failures`).",
     502: "Amplitude rejected the service's key (`upstream_misconfigured`).",
     503: "`upstream_unavailable` or `rate_limited`; retry after `Retry-After` seconds.",
+}
+
+_WEBHOOK_ERRORS = {
+    400: "Not a valid Cohort Webhooks batch (`invalid_request`, with `field`); nothing was queued.",
+    401: "Missing or wrong webhook secret (`unauthorized`).",
+    404: "Cohort webhooks are not configured (`not_found`).",
+    413: "The batch is larger than the receiver accepts (`request_too_large`).",
+    503: "The batch could not be queued (`cohort_queue_unavailable`); Amplitude retries it.",
+}
+
+_ADMIN_ERRORS = {
+    401: "Missing or wrong admin key (`unauthorized`).",
+    403: "An action that needs ADMIN_API_KEYS set, or an address outside the allowlist (`forbidden`).",
+    404: "Cohort webhooks are not configured (`not_found`).",
+    429: "Too many failed authentications from this address (`too_many_auth_failures`).",
+    503: "The cohort store cannot be reached (`cohort_store_unavailable`); retry after `Retry-After` seconds.",
 }
 
 _PATH_PARAMS = {
@@ -70,8 +92,11 @@ def build_spec(app: Flask) -> dict[str, Any]:
             200: {"description": "OK", "content": {"application/json": {"schema": route.response}}}
         }
         is_data = route.serves_data
-        if is_data:
-            for status, text in _DATA_ERRORS.items():
+        errors = {"caller": _DATA_ERRORS, "webhook": _WEBHOOK_ERRORS}.get(route.auth or "", {})
+        if route.auth in ("admin", "operator") and rule.rule.startswith("/v1/admin/"):
+            errors = _ADMIN_ERRORS
+        if errors:
+            for status, text in errors.items():
                 entry: dict[str, Any] = {"description": text, "content": {"application/json": {"schema": "Error"}}}
                 if status in (429, 503):
                     entry["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
@@ -83,7 +108,9 @@ def build_spec(app: Flask) -> dict[str, Any]:
             "parameters": parameters,
             "responses": responses,
         }
-        if is_data:
+        if is_data or route.auth in ("admin", "operator"):
             operation["security"] = CALLER_SECURITY
-        spec.path(path=path, operations={"get": operation})
+        elif route.auth == "webhook":
+            operation["security"] = [{"webhookSecret": []}]
+        spec.path(path=path, operations={route.method.lower(): operation})
     return spec.to_dict()

@@ -30,6 +30,8 @@ def readyz(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     """Settings, Redis or the shared state file, circuit; no Amplitude call."""
     extensions = trace.extensions
     checks: dict[str, Any] = {"settings": "ok", "circuit": extensions.breaker.state}
+    if not extensions.settings.profile_api:
+        checks["profile_api"] = "not_in_region"  # AMPLITUDE_REGION=eu: never called, by design
     status = "ok"
     if extensions.redis is None:
         checks["redis"] = "not_configured"
@@ -68,5 +70,7 @@ def metrics(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     # This process's requests so far are counted; the access log (stdout) is never waited on.
     ACCESS_LOG.flush_counts()
     extensions.gauges.publish_for_scrape()
+    if extensions.cohorts is not None:
+        extensions.cohorts.publish_gauges()
     body, content_type = extensions.metrics.render()
     return Response(body, mimetype=None, content_type=content_type, headers=_NO_STORE)

@@ -121,6 +121,13 @@ class PropertiesArgs(Schema):
     keys = IdList()
 
 
+class MembershipArgs(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    default = fields.Boolean(truthy={"true"}, falsy={"false"})
+
+
 class PredictionArgs(Schema):
     class Meta:
         unknown = EXCLUDE

@@ -19,7 +19,12 @@ from marshmallow import Schema
 
 from app.http.params import load_args, parse_query
 
-Auth = Literal["caller", "admin", None]
+#: Who may call a route: ``caller`` (a caller key, from an allowed address: the data routes),
+#: ``admin`` (an admin key when ADMIN_API_KEYS is set, else a caller key: reading /metrics),
+#: ``operator`` (an admin key, always: actions that change state), ``webhook`` (Amplitude,
+#: which has no fixed addresses: no allowlist, and the view checks the webhook secret),
+#: None (probes, from inside the network).
+Auth = Literal["caller", "admin", "operator", "webhook", None]
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,8 @@ class RouteSpec:
     args: Schema | None = None
     auth: Auth = "caller"
     documented: bool = True
-    view: Callable[..., Response] | None = None  # (trace, args, **path values), for the edge
+    view: Callable[..., Response] | None = None  # (trace, args, **path values)
+    method: str = "GET"
 
     @property
     def serves_data(self) -> bool:
@@ -56,8 +62,9 @@ def route(
     args: type[Schema] | None = None,
     auth: Auth = "caller",
     documented: bool = True,
+    method: str = "GET",
 ) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
-    """Register a GET view taking ``(trace, args, **path_values)`` with its contract."""
+    """Register a view taking ``(trace, args, **path_values)`` with its contract (one method: GET by default)."""
 
     def register(view: Callable[..., Response]) -> Callable[..., Response]:
         spec = RouteSpec(
@@ -69,6 +76,7 @@ def route(
             auth=auth,
             documented=documented,
             view=view,
+            method=method,
         )
         ROUTES[spec.endpoint] = spec
 
@@ -82,7 +90,7 @@ def route(
             args = query_args(spec.args, trace.raw_query) if checks_query else _NO_ARGS
             return view(trace, args, **values)
 
-        blueprint.add_url_rule(rule, endpoint=view.__name__, view_func=dispatch, methods=["GET"])
+        blueprint.add_url_rule(rule, endpoint=view.__name__, view_func=dispatch, methods=[method])
         return view
 
     return register

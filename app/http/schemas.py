@@ -48,11 +48,25 @@ class PropertyResponse(_Identity):
 class CohortsResponse(_Identity):
     cohort_ids = fields.List(fields.Raw(), required=True)
     count = fields.Integer(required=True)
+    source = fields.String(required=True, metadata={"description": "`profile_api`: Amplitude's User Profile API."})
 
 
 class CohortMembershipResponse(_Identity):
     cohort_id = fields.String(required=True)
     member = fields.Boolean(required=True)
+    source = fields.String(
+        required=True,
+        metadata={
+            "enum": ["webhook", "profile_api", "default"],
+            "description": "`webhook`: the cohort's Cohort Webhooks (no Amplitude call); `profile_api`: the user's "
+            "profile; `default`: the URL's `default`, because neither could answer.",
+        },
+    )
+    as_of = fields.Integer(
+        metadata={"description": "With `webhook`: the `computed_time` (epoch seconds) of the last batch applied."}
+    )
+    fallback = fields.Boolean(metadata={"description": "True when `member` is the URL's `default`."})
+    reason = fields.String(metadata={"description": "Why the default was served (only with fallback)."})
 
 
 class PredictionResponse(_Identity):
@@ -89,3 +103,30 @@ class ErrorResponse(Schema):
     message = fields.String(required=True)
     field = fields.String(metadata={"description": "The invalid parameter (invalid_request only)."})
     retry_after = fields.Integer(metadata={"description": "Seconds, as in the Retry-After header."})
+
+
+class CohortReceipt(Schema):
+    queued = fields.Boolean(
+        required=True, metadata={"description": "False when the batch repeats one already queued (a retry)."}
+    )
+    message_id = fields.String(required=True)
+
+
+class CohortStatusOut(Schema):
+    cohort_id = fields.String(required=True)
+    name = fields.String(required=True, allow_none=True)
+    authoritative = fields.Boolean(required=True, metadata={"description": "Answered from the webhooks alone."})
+    status = fields.String(required=True)
+    reason = fields.String(required=True)
+    members = fields.Integer(required=True)
+    last_computed_time = fields.Integer(required=True, allow_none=True)
+    last_batch_age = fields.Float(required=True, allow_none=True, metadata={"description": "Seconds."})
+    queued = fields.Integer(required=True)
+    realtime = fields.Boolean(required=True)
+    silent = fields.Boolean(required=True)
+
+
+class CohortStoreResponse(Schema):
+    store = fields.String(required=True, metadata={"description": "redis, sqlite or process."})
+    opened = fields.Boolean(required=True)
+    cohorts = fields.List(fields.Nested(CohortStatusOut), required=True)

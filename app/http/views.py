@@ -13,10 +13,24 @@ from typing import Any
 
 from flask import Blueprint, Response
 
+from app.cohorts.errors import CohortNotKept
 from app.core.query import ProfileQuery
-from app.errors import FALLBACK_ERRORS, ApiError, InvalidRequest, NoRecommendations, json_response
+from app.errors import (
+    FALLBACK_ERRORS,
+    ApiError,
+    InvalidRequest,
+    NoRecommendations,
+    ProfileApiUnavailable,
+    json_response,
+)
 from app.http import schemas
-from app.http.params import PredictionArgs, PropertiesArgs, RecommendationArgs, RecommendationListArgs
+from app.http.params import (
+    MembershipArgs,
+    PredictionArgs,
+    PropertiesArgs,
+    RecommendationArgs,
+    RecommendationListArgs,
+)
 from app.http.routes import route
 from app.http.trace import RequestTrace
 from app.lookup import Lookup
@@ -146,19 +160,41 @@ def property_value(trace: RequestTrace, args: Mapping[str, Any], name: str) -> R
 
 @route(v1, "/cohorts", summary="Cohorts", response=schemas.CohortsResponse)
 def cohorts(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
-    """Ids of the tracked cohorts the user is in."""
-    lookup = _lookup(trace, trace.extensions.planner.profile(trace.subject))
+    """Ids of the tracked cohorts the user is in, from the user's profile."""
+    who = trace.subject
+    lookup = _lookup(trace, trace.extensions.planner.profile(who))
     cohort_ids = lookup.profile["cohort_ids"]
-    body = {trace.subject.id_field: trace.subject.value, "cohort_ids": cohort_ids, "count": len(cohort_ids)}
+    body = {who.id_field: who.value, "cohort_ids": cohort_ids, "count": len(cohort_ids), "source": "profile_api"}
     return _respond(body, lookup)
 
 
-@route(v1, "/cohorts/<cohort_id>", summary="Cohort membership", response=schemas.CohortMembershipResponse)
+@route(
+    v1, "/cohorts/<cohort_id>", summary="Cohort membership", args=MembershipArgs,
+    response=schemas.CohortMembershipResponse,
+    description="Whether the user is in the cohort: from the cohort's Cohort Webhooks, with no Amplitude call, "
+    "once they are authoritative; else from the user's profile. With `default`, failures become a 200 with "
+    "`fallback: true`.",
+)  # fmt: skip
 def cohort_membership(trace: RequestTrace, args: Mapping[str, Any], cohort_id: str) -> Response:
-    """Whether the user is in it."""
-    lookup = _lookup(trace, trace.extensions.planner.profile(trace.subject))
+    extensions = trace.extensions
+    who = trace.subject
+    body: dict[str, Any] = {who.id_field: who.value, "cohort_id": cohort_id}
+    kept = extensions.cohorts.member(who, cohort_id, trace.deadline) if extensions.cohorts is not None else None
+    if kept is not None:
+        trace.cache = "webhook"
+        age = max(0, int(extensions.clock.time()) - kept.as_of)
+        headers = {"X-Cache": "HIT", "Age": str(age), "Cache-Control": "private, max-age=0"}
+        return json_response({**body, "member": kept.member, "source": "webhook", "as_of": kept.as_of}, headers=headers)
+    try:
+        lookup = _lookup(trace, extensions.planner.profile(who))
+    except FALLBACK_ERRORS as exc:
+        problem = CohortNotKept(cohort_id) if isinstance(exc, ProfileApiUnavailable) else exc
+        if args.get("default") is None:
+            raise problem from None
+        fallback = {"member": args["default"], "source": "default", "fallback": True, "reason": problem.error}
+        return _respond({**body, **fallback}, None)
     member = cohort_id in lookup.profile["cohort_ids"]
-    return _respond({trace.subject.id_field: trace.subject.value, "cohort_id": cohort_id, "member": member}, lookup)
+    return _respond({**body, "member": member, "source": "profile_api"}, lookup)
 
 
 @route(

@@ -32,17 +32,20 @@ class SqliteHandle:
         self.db = db
         self._busy_ms: int | None = None
 
-    def run(self, call: Callable[[sqlite3.Connection], T], wait_ms: int) -> T:
+    def run(self, call: Callable[[sqlite3.Connection], T], wait_ms: int, long: bool = False) -> T:
         """``call(connection)``, waiting for the file's lock at most *wait_ms* (ms).
 
         A call must be safe to run again when its first try finds the file busy: one
-        statement, or one transaction that rolls back on failure.
+        statement, or one transaction that rolls back on failure. A *long* call (applying a
+        batch of a thousand users, say: milliseconds of work) goes to a pool thread at once.
 
         :raises sqlite3.Error: as the call raises it, or busy past *wait_ms*.
         """
         if not cooperative():
             self._set_busy(wait_ms)
             return call(self.db)
+        if long:
+            return offload(self._waiting, call, wait_ms)
         self._set_busy(0)
         try:
             return call(self.db)
