@@ -12,10 +12,19 @@ benchmark (``make bench``); it is not what the image ships.
 
 Workers: one process per core (``WEB_CONCURRENCY`` overrides it). The processes share
 the cache, the single-flight claims and the upstream budget, so "one upstream call per
-user" and the limit hold across them: through Redis when ``REDIS_URL`` is set (and across
-machines), else through one SQLite file on this machine (``SHARED_STATE_PATH``; when it
-is not set, a new file in a private temporary directory that lives as long as this
-master). A single worker without Redis keeps everything in its own process.
+user" and the limit hold across them: through Redis when ``REDIS_URL`` (or
+``REDIS_SENTINELS``) is set (and across machines), else through one SQLite file on this
+machine (``SHARED_STATE_PATH``). With Redis the machine's file is there too: the
+workers keep a copy of their grants in it and go on through it when Redis goes away
+while this machine was the whole fleet (:mod:`app.machine`). When ``SHARED_STATE_PATH``
+is not set and a file is needed (several workers, or Redis), the master makes one in a
+private temporary directory named after this user and the addresses it listens on: the
+new master of a ``USR2`` upgrade listens on the same ones, so it shares the old master's
+file, and the last master to exit removes the directory. A single worker without Redis
+keeps everything in its own process.
+
+Each worker leaves the fleet as it exits (``worker_exit``): the others no longer hold its
+share back.
 
 The master imports only :mod:`app.settings` and :mod:`app.stores.sqlite_schema` (to refuse
 bad settings before forking); each worker imports the rest after gevent has patched it.
@@ -23,9 +32,12 @@ bad settings before forking); each worker imports the rest after gevent has patc
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import sqlite3
+import stat
 import sys
 import tempfile
 
@@ -73,9 +85,12 @@ _metrics_dir = os.environ.setdefault(
     "PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), f"amplitude-proxy-metrics-{os.getpid()}")
 )
 
-# The private directory of this master's SQLite file, when on_starting made one, as
-# "PID:PATH": in the environment, so a configuration reload (HUP) still removes it at exit.
+# The private directory of the machine's SQLite file, when on_starting made one, as
+# "PID:FD:PATH" (this master, and the descriptor holding its share of the directory's lock):
+# in the environment, so a configuration reload (HUP) still finds it at exit. A USR2 child
+# is started with the environment gunicorn began with, without it.
 _STATE_DIR = "AMPLITUDE_PROXY_STATE_DIR"
+_MASTERS_LOCK = "masters.lock"
 
 wsgi_app = "app:create_app()"
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
@@ -103,28 +118,66 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS") or "127.0.0.1,::1"
 # request even with accesslog off. The app writes its own JSON access log on stdout.
 
 
+def _state_directory(bind: list[str]) -> tuple[str, int]:
+    """The private directory for the machine's file, and a descriptor holding a shared lock on it.
+
+    Named after this user and the addresses gunicorn listens on (*bind*): the new master of a
+    ``USR2`` upgrade listens on the same sockets, finds the old master's directory, and shares
+    its file; each master holds a shared ``flock`` on the directory's lock file as long as it
+    runs, so the last to exit removes the directory (``on_exit``). A directory no master holds
+    was left by one that died: it is emptied, and its file starts afresh as a new one would.
+    A name taken by anything but a directory of this user's, closed to others, is not used: a
+    new directory of this master's own is made instead (not shared across an upgrade).
+    """
+    digest = hashlib.sha256("\n".join(sorted(bind)).encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"amplitude-proxy-shared-{os.getuid()}-{digest}")
+    try:
+        os.mkdir(path, 0o700)  # owner-only: profiles are personal data
+    except FileExistsError:
+        pass
+    found = os.lstat(path)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or stat.S_IMODE(found.st_mode) & 0o077:
+        return tempfile.mkdtemp(prefix="amplitude-proxy-shared-"), -1
+    lock = os.open(os.path.join(path, _MASTERS_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # the master this one upgrades holds it: share its file
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        return path, lock
+    for name in os.listdir(path):  # left by a master that died: what was spent is unknown
+        if name != _MASTERS_LOCK:
+            os.unlink(os.path.join(path, name))
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    return path, lock
+
+
 def on_starting(server: object) -> None:
-    """Share through SQLite when several workers run without Redis; refuse bad settings in one line."""
+    """Give the workers the machine's SQLite file (several workers, or Redis); refuse bad settings in one line."""
     from app.settings import SettingsError, load_settings
     from app.stores.sqlite_schema import initialise
 
-    several = server.cfg.workers > 1  # type: ignore[attr-defined]
-    if several and not os.environ.get("REDIS_URL") and not os.environ.get("SHARED_STATE_PATH"):
-        # Owner-only (profiles are personal data), and new: this master's log starts with a
-        # ramp, as if the master before it had spent the limit evenly over the last window.
-        state_dir = tempfile.mkdtemp(prefix="amplitude-proxy-shared-")
-        os.environ[_STATE_DIR] = f"{os.getpid()}:{state_dir}"
-        os.environ["SHARED_STATE_PATH"] = os.path.join(state_dir, "shared.sqlite3")
-        server.log.info(  # type: ignore[attr-defined]
-            "no REDIS_URL: the workers share cache and budget through %s", os.environ["SHARED_STATE_PATH"]
-        )
     try:
         settings = load_settings(os.environ)
+        redis = bool(settings.redis_url or settings.redis_sentinels)
+        if not settings.shared_state_path and (server.cfg.workers > 1 or redis):  # type: ignore[attr-defined]
+            # New unless an upgrade shares it: its log then starts with a ramp, as if the master
+            # before it had spent the limit evenly over the last window (with Redis, it learns
+            # what Redis holds instead).
+            state_dir, lock = _state_directory(list(server.cfg.bind))  # type: ignore[attr-defined]
+            os.environ[_STATE_DIR] = f"{os.getpid()}:{lock}:{state_dir}"
+            os.environ["SHARED_STATE_PATH"] = os.path.join(state_dir, "shared.sqlite3")
+            settings = load_settings(os.environ)
+            server.log.info(  # type: ignore[attr-defined]
+                "the workers %s through %s",
+                "keep the machine's copy of their grants" if redis else "share cache and budget",
+                settings.shared_state_path,
+            )
         if settings.shared_state_path:
             initialise(settings.shared_state_path)  # before any worker, so a bad file stops the start
-    except (SettingsError, sqlite3.Error) as exc:
+    except (SettingsError, sqlite3.Error, OSError) as exc:
         prefix = "" if isinstance(exc, SettingsError) else "SHARED_STATE_PATH: "
-        print(f"configuration error: {prefix}{exc}", file=sys.stderr)
+        detail = f"{exc.strerror} (the state directory)" if isinstance(exc, OSError) else exc
+        print(f"configuration error: {prefix}{detail}", file=sys.stderr)
         on_exit(server)
         sys.exit(2)
     server.log.info(  # type: ignore[attr-defined]
@@ -167,8 +220,34 @@ def child_exit(server: object, worker: object) -> None:
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
 
 
+def worker_exit(server: object, worker: object) -> None:
+    """Leave the fleet as the worker exits, so the others need not hold its share back.
+
+    Called in the worker process, where ``worker.wsgi`` is the app gunicorn loaded for it
+    (the base worker's, set when it loaded the app; gunicorn also calls this hook in the
+    master for a worker that died unseen, where there is no app to close). The app's
+    ``extensions`` registry holds what it built; the budget goes first: its heartbeat and
+    share are what the other processes count.
+    """
+    app = getattr(worker, "wsgi", None)
+    extensions = getattr(app, "extensions", {}).get("profile_proxy")
+    if extensions is not None:
+        extensions.budget.close()
+        extensions.close()
+
+
 def on_exit(server: object) -> None:
+    """Remove the metrics directory, and the machine's file's directory unless another master uses it."""
     shutil.rmtree(_metrics_dir, ignore_errors=True)
-    owner, _, state_dir = os.environ.get(_STATE_DIR, "").partition(":")
-    if state_dir and owner == str(os.getpid()):
-        shutil.rmtree(state_dir, ignore_errors=True)
+    owner, _, rest = os.environ.get(_STATE_DIR, "").partition(":")
+    lock, _, state_dir = rest.partition(":")
+    if not state_dir or owner != str(os.getpid()):
+        return
+    if int(lock) >= 0:
+        try:
+            fcntl.flock(int(lock), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # the new master of a USR2 upgrade shares it: it is the one to remove it
+        except OSError:
+            pass
+    shutil.rmtree(state_dir, ignore_errors=True)

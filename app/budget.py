@@ -67,18 +67,32 @@ at most ``BUDGET_MAX_WAIT_SECONDS`` (:mod:`app.admission`): at the steady rate a
 frees every ``W / limit`` seconds (0.5 s at 120 a minute), so a live request that finds
 the window full reaches the next one. Waiting holds no thread under the gevent worker.
 
-When the shared tier cannot be reached, a process falls back to its share of the fleet
-(``limit // fleet``, the fleet counted by heartbeats in the tier), and only from one
-window (plus the heartbeat timeout) after it last reached the tier: by then nothing it or
-anyone else granted through the tier can share a window with its own grants, and the
-processes that still reach it hold back the shares of the ones that went quiet. Within
-its share the same rule holds. Grants made while cut off are written into the shared log
-when the tier answers again. A process cut off for longer than ``FLEET_HORIZON_SECONDS``
-stops calling Amplitude: by then the others no longer reserve its share.
+When the shared tier cannot be reached, there are two cases.
+
+- **The machine was the whole fleet** (Redis's last answer said every process heard from
+  lately, and every grant still in the window, was of this machine; see
+  :mod:`app.machine`): the machine's processes go on at once through the machine's
+  SQLite file, which holds a copy of every grant they were given through Redis, with
+  the same rule, exactly across them. When Redis answers again, the grants made
+  meanwhile are written back into it before any process uses a grant from it.
+- **Otherwise** (several machines; or no machine file) a process falls back to its share
+  of the fleet (``limit // fleet``, the fleet counted by heartbeats in the tier), and
+  only from one window (plus the heartbeat timeout) after it last reached the tier: by
+  then nothing it or anyone else granted through the tier can share a window with its
+  own grants, and the processes that still reach it hold back the shares of the ones
+  that went quiet. Within its share the same rule holds. A process cut off for longer
+  than ``FLEET_HORIZON_SECONDS`` stops calling Amplitude: by then the others no longer
+  reserve its share.
+
+After any outage a process writes every grant of its own still in the window back into
+the tier, by id: one the tier holds already is counted once, and one it lost (Redis
+restarted empty, or failed over before a replica had it) is counted again.
+:meth:`UpstreamBudget.mode` says which case is in force (``MODES``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -89,7 +103,8 @@ from typing import NoReturn
 from app.clock import SYSTEM_CLOCK, Clock
 from app.core.window import PACE_SLACK_SECONDS, SlidingWindow
 from app.errors import RateLimited
-from app.stores.shared import BACKING_OFF, AdmitRequest, SharedTier, SharedUnavailable
+from app.machine import MachineLog
+from app.stores.shared import BACKING_OFF, ENDED, GRANTED, AdmitRequest, SharedTier, SharedUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +114,34 @@ LIVE, BULK = "live", "bulk"
 HEARTBEAT_TIMEOUT_SECONDS = 5.0
 #: How long a silent process keeps its share reserved (and may use it on its own).
 FLEET_HORIZON_SECONDS = 300.0
+#: How long to wait while the machine's file changes hands between Redis and itself.
+SETTLE_SECONDS = 0.02
+#: Grants written back into the tier per call (a hand-back may carry a whole window).
+MERGE_BATCH = 500
+
+#: What :meth:`UpstreamBudget.mode` answers: through the shared log (Redis, or the SQLite
+#: file without Redis); through the machine's file while Redis is away; on this process's
+#: share while cut off; not calling Amplitude while cut off (before the share is safe, or
+#: past the horizon); alone in its process, with no shared tier at all.
+SHARED, MACHINE, OWN_SHARE, STOPPED, PROCESS = "shared", "machine", "own_share", "stopped", "process"
+MODES = (SHARED, MACHINE, OWN_SHARE, STOPPED, PROCESS)
 
 
 class NoSlot(Exception):
     """No slot now; *seconds* until asking again is worth it (exact, unlike ``Retry-After``)."""
 
+    #: Worth asking again within a live request's wait too: the machine's file is changing hands.
+    settling = False
+
     def __init__(self, seconds: float) -> None:
         super().__init__(seconds)
         self.seconds = max(PACE_SLACK_SECONDS, seconds)
+
+
+class Settling(NoSlot):
+    """The machine's file is changing hands between Redis and itself: ask again in a moment."""
+
+    settling = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +153,8 @@ class Grant:
 
 
 class UpstreamBudget:
-    """Slots for Amplitude calls: one log in the shared tier, else this process's share."""
+    """Slots for Amplitude calls: one log in the shared tier (with the machine's file beside
+    Redis, see :mod:`app.machine`), else this process's share."""
 
     def __init__(
         self,
@@ -127,16 +163,21 @@ class UpstreamBudget:
         shared: SharedTier | None = None,
         clock: Clock = SYSTEM_CLOCK,
         window: float = 60.0,
+        machine: MachineLog | None = None,
     ) -> None:
         self.per_minute = per_minute
         self.window = window
         self.shared = shared
+        self.machine = machine
         self.min_fleet = max(1, shares)
         self._clock = clock
         self._now = clock.monotonic
         self._lock = threading.Lock()
         self._backoff_until = 0.0
-        self.process_id = secrets.token_hex(6)
+        token = secrets.token_hex(6)
+        # MACHINE/TOKEN: Redis tells whether the fleet is this machine's processes alone.
+        self.process_id = f"{machine.identity}/{token}" if machine is not None else token
+        self._grant_ids = itertools.count()
         started = self._now()
         # Without a shared tier: this process's share, ramping up as if its predecessor (a
         # restart) had spent the limit evenly over the last window.
@@ -146,12 +187,12 @@ class UpstreamBudget:
         # With one: what the shared log last said, and the fallback while it is away.
         self._fleet = self.min_fleet
         self._last_shared = started  # until the tier answers, assume it just did (strictest)
+        self._reached = True
+        self._alone = False
         self._used = 0
         self._fallback: SlidingWindow | None = None
-        self._unmerged: list[float] = []
-        # This process's own grants in the window, to write back if the tier lost the log
-        # (Redis restarted without persistence) while this process could not see it.
-        self._own: deque[float] = deque()
+        # This process's own grants in the window (stamp, id), to write back after an outage.
+        self._own: deque[tuple[float, str]] = deque()
         self._remerge = False
         self._recovered_at = float("-inf")
         self._heartbeat: threading.Thread | None = None
@@ -163,12 +204,16 @@ class UpstreamBudget:
 
     def close(self) -> None:
         """Stop the heartbeat and leave the fleet, so the others need not hold back this share."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         if self.shared is not None and self._heartbeat is not None:
-            try:
-                self.shared.leave_fleet(self.process_id)
-            except SharedUnavailable:
-                pass
+            for tier in (self.shared, self.machine.file if self.machine is not None else None):
+                try:
+                    if tier is not None:
+                        tier.leave_fleet(self.process_id)
+                except SharedUnavailable:
+                    pass
 
     # -- admission -------------------------------------------------------------------
 
@@ -177,7 +222,8 @@ class UpstreamBudget:
 
         A live caller reserves the slot it will wait for. A bulk caller never holds a
         reservation (one would stand before a live request arriving later): it sleeps until
-        it may ask again and asks again, as long as *max_wait* allows.
+        it may ask again and asks again, as long as *max_wait* allows. Either asks again
+        while the machine's file changes hands (a moment).
 
         :raises RateLimited: in a 429 back-off, or no slot within *max_wait*;
             ``retry_after`` says when one is expected.
@@ -188,7 +234,7 @@ class UpstreamBudget:
                 wait = self.try_acquire(max_wait, bulk)
             except NoSlot as refused:
                 waited = self._now() - started
-                if not bulk or waited + refused.seconds > max_wait:
+                if not (bulk or refused.settling) or waited + refused.seconds > max_wait:
                     raise RateLimited(retry_after=refused.seconds) from None
                 self._clock.sleep(refused.seconds)
                 continue
@@ -208,10 +254,13 @@ class UpstreamBudget:
         if remaining_backoff > 0:
             self._turn_away(remaining_backoff)
         max_wait = 0.0 if bulk else max_wait
-        wait = self._acquire_shared(max_wait, bulk) if self.shared is not None else None
+        if self.shared is None:
+            return self._acquire_local(self._local, max_wait, bulk)
+        wait = self._acquire_shared(max_wait, bulk)
+        if wait is None and self.machine is not None:
+            wait = self._acquire_machine(max_wait, bulk)
         if wait is None:
-            window = self._local if self.shared is None else self._fallback_window()
-            wait = self._acquire_local(window, max_wait, bulk)
+            wait = self._acquire_local(self._fallback_window(), max_wait, bulk)
         return wait
 
     def _acquire_local(self, window: SlidingWindow | None, max_wait: float, bulk: bool) -> float:
@@ -221,20 +270,34 @@ class UpstreamBudget:
         if decision.slot is None:
             self._turn_away(decision.wait)
         if window is not self._local:
-            self._remember(self._now() + decision.wait, unmerged=True)
+            self._remember(self._now() + decision.wait, self._grant_id())
         return decision.wait
 
-    def _remember(self, stamp: float, unmerged: bool = False) -> None:
+    def _grant_id(self) -> str:
+        return f"{self.process_id}:{next(self._grant_ids)}"
+
+    def _remember(self, stamp: float, grant_id: str) -> None:
         with self._lock:
-            while self._own and self._own[0] <= stamp - self.window:
+            while self._own and self._own[0][0] <= stamp - self.window:
                 self._own.popleft()
-            self._own.append(stamp)
-            if unmerged:
-                self._unmerged.append(stamp)
+            self._own.append((stamp, grant_id))
 
     def _acquire_shared(self, max_wait: float, bulk: bool) -> float | None:
-        """A slot from the shared log; None when the tier did not answer (use the fallback)."""
-        result = self._run_shared(max_wait, bulk, heartbeat_only=False)
+        """A slot from the shared log; None when the tier did not answer (cut off)."""
+        machine = self.machine
+        ticket = None
+        if machine is not None:
+            ticket = machine.ticket()
+            if not ticket.settled:
+                # The machine admits through its file: only if Redis answers is it handed back.
+                if self._run_shared(0.0, False, heartbeat_only=True) is None:
+                    return None
+                machine.settle(self.window, self._merge_back, self._clock.time())
+                ticket = machine.ticket()
+                if not ticket.settled:
+                    raise Settling(SETTLE_SECONDS)  # another process is handing back
+        grant_id = self._grant_id()
+        result = self._run_shared(max_wait, bulk, heartbeat_only=False, grant_id=grant_id)
         if result is None:
             return None
         granted, wait = result
@@ -242,46 +305,109 @@ class UpstreamBudget:
             self._backoff_until = max(self._backoff_until, self._now() + wait)
         if granted <= 0:
             self._turn_away(wait)
-        self._remember(self._now() + wait)
+        if machine is not None and ticket is not None:
+            if not machine.confirm(ticket, self._clock.time() + wait, grant_id, self.window):
+                raise Settling(SETTLE_SECONDS)  # the machine's state changed meanwhile: not used
+        self._remember(self._now() + wait, grant_id)
         return wait
 
-    def _run_shared(self, max_wait: float, bulk: bool, heartbeat_only: bool) -> tuple[int, float] | None:
+    def _request(
+        self, max_wait: float, bulk: bool, heartbeat_only: bool, grant_id: str, *, remembered_fleet: int = 0,
+        merges: tuple[tuple[str, float], ...] = (), episode: int | None = None, carried: int | None = None,
+    ) -> AdmitRequest:  # fmt: skip
+        return AdmitRequest(
+            limit=self.per_minute, window=self.window, max_wait=max_wait, bulk=bulk, process_id=self.process_id,
+            grant_id=grant_id, heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS, fleet_horizon=FLEET_HORIZON_SECONDS,
+            heartbeat_only=heartbeat_only, remembered_fleet=remembered_fleet, merges=merges, episode=episode,
+            carried=carried,
+        )  # fmt: skip
+
+    def _run_shared(
+        self, max_wait: float, bulk: bool, heartbeat_only: bool, grant_id: str = ""
+    ) -> tuple[int, float] | None:
         if self.shared is None:
             return None
         self._start_heartbeat()
         with self._lock:
             now = self._now()
-            # After an outage, write back every own grant still in the window: Redis may have
-            # restarted empty. If it did not, they count twice for a while: conservative.
-            merging = [stamp for stamp in self._own if stamp > now - self.window] if self._remerge else self._unmerged
-            self._unmerged, remerge = [], self._remerge
+            # After an outage, write back every own grant still in the window (by id: Redis
+            # may have restarted empty or failed over; if not, each is counted once).
+            remerge = self._remerge
+            merges = tuple((grant_id, now - stamp) for stamp, grant_id in self._own if stamp > now - self.window)
             # For a horizon after an outage, the fleet known before it still counts.
             recent_outage = remerge or now - self._recovered_at < FLEET_HORIZON_SECONDS
             remembered_fleet = self._fleet if recent_outage else 0
-        request = AdmitRequest(
-            limit=self.per_minute, window=self.window, max_wait=max_wait, bulk=bulk, process_id=self.process_id,
-            grant_id=f"{self.process_id}:{secrets.token_hex(4)}",
-            heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS, fleet_horizon=FLEET_HORIZON_SECONDS,
-            heartbeat_only=heartbeat_only, remembered_fleet=remembered_fleet,
-            merge_ages=tuple(now - stamp for stamp in merging),
-        )  # fmt: skip
+        request = self._request(max_wait, bulk, heartbeat_only, grant_id,
+                                remembered_fleet=remembered_fleet, merges=merges if remerge else ())  # fmt: skip
         try:
             reply = self.shared.admit(request)
         except SharedUnavailable:
             with self._lock:
-                if not remerge:
-                    self._unmerged = merging + self._unmerged
                 self._remerge = True
+                self._reached = False
             return None
         with self._lock:
-            if self._remerge:
+            if remerge:
                 self._recovered_at = self._now()
             self._remerge = False
+            self._reached = True
             self._last_shared = self._now()
             self._fleet = max(1, reply.fleet)
             self._used = reply.used
+            self._alone = reply.alone
             self._fallback = None
         return reply.granted, reply.wait
+
+    # -- the machine's file, while Redis is away (see app.machine) ---------------------------
+
+    def _acquire_machine(self, max_wait: float, bulk: bool) -> float | None:
+        """A slot from the machine's file under its episode; None when there is no episode to
+        admit under (the fallback share applies)."""
+        machine = self.machine
+        assert machine is not None
+        entered = machine.enter(self._alone)
+        if entered is None:
+            raise Settling(SETTLE_SECONDS)  # a hand-back to Redis is under way
+        if not entered or machine.episode is None:
+            return None
+        grant_id = self._grant_id()
+        try:
+            reply = machine.admit(self._request(max_wait, bulk, False, grant_id, episode=machine.episode))
+        except SharedUnavailable:
+            return None
+        self._used = reply.used
+        if reply.granted == ENDED:  # back on Redis: ask it now, not after the pause
+            machine.ended()
+            self.shared.retry_now()  # type: ignore[union-attr]
+            raise Settling(SETTLE_SECONDS)
+        if reply.granted == BACKING_OFF:
+            self._backoff_until = max(self._backoff_until, self._now() + reply.wait)
+        if reply.granted != GRANTED:
+            self._turn_away(reply.wait)
+        self._remember(self._now() + reply.wait, grant_id)
+        return reply.wait
+
+    def _settle_machine(self, reached: bool) -> None:
+        """After a heartbeat: keep counted in the machine's file, and follow Redis's state."""
+        machine = self.machine
+        assert machine is not None
+        if reached:
+            machine.beat(self._request(0.0, False, True, "", carried=self._used))
+            machine.settle(self.window, self._merge_back, self._clock.time())
+            return
+        machine.enter(self._alone)  # the whole machine switches at once, busy or not
+        machine.beat(self._request(0.0, False, True, ""))
+
+    def _merge_back(self, grants: list[tuple[str, float]]) -> bool:
+        """Write *grants* (id, seconds before now) into the shared log; whether it took them all."""
+        assert self.shared is not None
+        try:
+            for start in range(0, max(1, len(grants)), MERGE_BATCH):
+                batch = tuple(grants[start : start + MERGE_BATCH])
+                self.shared.admit(self._request(0.0, False, True, "", merges=batch))
+        except SharedUnavailable:
+            return False
+        return True
 
     # -- cut off from the shared tier ------------------------------------------------------
 
@@ -311,8 +437,12 @@ class UpstreamBudget:
                     self._heartbeat.start()
 
     def heartbeat(self) -> None:
-        """Tell the shared tier this process is alive (the heartbeat thread does, every few seconds)."""
-        self._run_shared(0.0, False, heartbeat_only=True)
+        """Tell the shared tier (and the machine's file) this process is alive; with a machine's
+        file, switch to it or hand back to Redis as Redis answers (the heartbeat thread does
+        this every few seconds)."""
+        reached = self._run_shared(0.0, False, heartbeat_only=True) is not None
+        if self.machine is not None:
+            self._settle_machine(reached)
 
     def _beat(self) -> None:
         while not self._closed.wait(HEARTBEAT_TIMEOUT_SECONDS / 3):
@@ -324,20 +454,34 @@ class UpstreamBudget:
     # -- 429s and reporting --------------------------------------------------------------
 
     def back_off(self, seconds: float) -> None:
-        """Stop calling Amplitude for *seconds*, in every process sharing the tier."""
+        """Stop calling Amplitude for *seconds*, in every process sharing the tier (or the machine's file)."""
         self._backoff_until = max(self._backoff_until, self._now() + seconds)
         log.warning("Amplitude answered 429: pausing upstream calls for %.0f s", seconds)
-        if self.shared is not None:
-            try:
-                self.shared.back_off(seconds)
-            except SharedUnavailable:
-                pass
+        for tier in (self.shared, self.machine.file if self.machine is not None else None):
+            if tier is not None:
+                try:
+                    tier.back_off(seconds)
+                except SharedUnavailable:
+                    pass
 
     def _turn_away(self, seconds: float) -> NoReturn:
         raise NoSlot(seconds)
 
+    def mode(self) -> str:
+        """How this process admits now: one of ``MODES``."""
+        if self.shared is None:
+            return PROCESS
+        if self.machine is not None and self.machine.episode is not None:
+            return MACHINE
+        if self._reached:
+            return SHARED
+        silent_for = self._now() - self._last_shared
+        if self.window + HEARTBEAT_TIMEOUT_SECONDS <= silent_for <= FLEET_HORIZON_SECONDS:
+            return OWN_SHARE
+        return STOPPED
+
     def used(self) -> int:
-        """Calls granted in the trailing window (the shared log's count when the tier answers)."""
+        """Calls granted in the trailing window (the shared log's count when the tier or the machine's file answers)."""
         if self.shared is not None and self._fallback is None:
             return self._used
         window = self._local if self.shared is None else self._fallback

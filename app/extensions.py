@@ -17,6 +17,7 @@ from app.gauges import GaugePublisher
 from app.http.auth import CallerKeys
 from app.http.security import FailureBrake, NetworkAllowlist, parse_networks
 from app.lookup import ProfileLookup
+from app.machine import MachineLog
 from app.metrics import Metrics
 from app.settings import Settings
 from app.stores.profiles import ProfileStore
@@ -24,6 +25,7 @@ from app.stores.redis import RedisTier
 from app.stores.redis_shared import RedisShared
 from app.stores.shared import SharedTier
 from app.stores.sqlite import SqliteShared
+from app.stores.sqlite_machine import MachineFile
 from app.upstream import AmplitudeClient
 
 
@@ -48,17 +50,23 @@ class ProxyExtensions:
     gauges: GaugePublisher
     openapi: dict[str, Any] | None = None
     shared: SharedTier | None = None  # Redis, else the machine's SQLite file, else nothing
+    state_file: SqliteShared | None = None  # the machine's SQLite file: the shared tier, or beside Redis
     cohorts: CohortWebhooks | None = None  # with COHORT_WEBHOOK_SECRETS only
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> ProxyExtensions:
-        redis_tier = (
-            RedisTier(settings.redis_url, settings.redis_timeout_seconds, clock=clock) if settings.redis_url else None
-        )
+        redis_tier = RedisTier.from_settings(settings, clock)
         shared: SharedTier | None = RedisShared(redis_tier) if redis_tier is not None else None
+        state_file: SqliteShared | None = None
+        machine: MachineLog | None = None
         if settings.shared_state_path:
             # Waits for the file take at most a third of the deadline, leaving the rest to Amplitude.
-            shared = SqliteShared(settings.shared_state_path, clock, timeout=settings.request_deadline_seconds / 3)
+            timeout = settings.request_deadline_seconds / 3
+            if shared is None:
+                shared = state_file = SqliteShared(settings.shared_state_path, clock, timeout=timeout)
+            else:  # beside Redis: a copy of the machine's grants, its way on without Redis (app.machine)
+                machine_file = MachineFile(settings.shared_state_path, clock, timeout=timeout)
+                machine, state_file = MachineLog(machine_file, clock), machine_file
         window = settings.admission_window_seconds
         budget = UpstreamBudget(
             settings.upstream_rate_limit_per_minute,
@@ -66,6 +74,7 @@ class ProxyExtensions:
             shared,
             clock=clock,
             window=window,
+            machine=machine,
         )
         breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, clock=clock)
         # A claim outlives the longest call it covers, so it is never released by expiry mid-call.
@@ -75,8 +84,7 @@ class ProxyExtensions:
         braze_watch = BrazeFailureWatch(
             metrics, clock, settings.braze_failure_warn_share, settings.braze_failure_warn_min
         )
-        shared_file = shared if isinstance(shared, SqliteShared) else None
-        gauges = GaugePublisher(metrics, breaker, budget, braze_watch, redis_tier, shared_file)
+        gauges = GaugePublisher(metrics, breaker, budget, braze_watch, redis_tier, state_file)
         if metrics.multiprocess:
             gauges.start()  # other workers answer some of the scrapes: keep this one's gauges current
         caller_caps = CallerMissCaps(
@@ -112,6 +120,7 @@ class ProxyExtensions:
             braze_watch=braze_watch,
             gauges=gauges,
             shared=shared,
+            state_file=state_file,
             cohorts=cohorts,
         )
 
@@ -123,3 +132,5 @@ class ProxyExtensions:
         self.profile_lookup.close()
         if self.shared is not None:
             self.shared.close()  # and the Redis tier under it
+        if self.state_file is not None and self.state_file is not self.shared:
+            self.state_file.close()

@@ -15,6 +15,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
+from app.budget import MODES
 from app.metrics import CIRCUIT_STATES, Metrics
 
 if TYPE_CHECKING:
@@ -56,14 +57,17 @@ class GaugePublisher:
         self._refresher: threading.Thread | None = None
 
     def publish(self) -> None:
-        """Set the gauges that describe this process: circuit, budget, Braze's trailing minute, and
-        whether its last write to the shared state file (at least its heartbeat's, every 1.7 s) went
-        through."""
+        """Set the gauges that describe this process: circuit, budget (and how it admits), Braze's
+        trailing minute, and whether its last write to the shared state file (at least its
+        heartbeat's, every 1.7 s) went through."""
         metrics = self.metrics
         budget = self.budget
         shared_file = self.shared_file
         with self._lock:
             metrics.shared_file_up.set(-1 if shared_file is None else int(shared_file.writes_ok))
+            mode = budget.mode()
+            for name in MODES:  # every mode, so a scrape shows 0 for those no worker is in
+                metrics.admission_mode.labels(name).set(int(name == mode))
             answers, failures = self.braze_watch.last_minute()
             metrics.circuit.set(CIRCUIT_STATES[self.breaker.state])
             metrics.budget_tokens.set(budget.tokens_left())

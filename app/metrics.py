@@ -92,6 +92,12 @@ class Metrics:
         self.shared_file_up = Gauge("proxy_shared_file_available", "1 when every live worker's last write to the "
                                     "machine's shared state file (SHARED_STATE_PATH) went through, 0 when one failed, "
                                     "-1 when not in use.", multiprocess_mode="livemin", registry=reg)  # fmt: skip
+        # Summed over live workers: how many admit each way (they change mode one by one).
+        self.admission_mode = Gauge("proxy_admission_mode", "Live workers by how their budget admits calls now: "
+                                    "shared (the shared log: Redis, or the SQLite file without it), machine (the "
+                                    "machine's file while Redis is away), own_share (cut off: the worker's share), "
+                                    "stopped (cut off: no calls), process (no shared tier).", ["mode"],
+                                    multiprocess_mode="livesum", registry=reg)  # fmt: skip
         self.braze_answers = Gauge("proxy_braze_answers_last_minute", "Answers in the trailing minute.",
                                    multiprocess_mode="livesum", registry=reg)  # fmt: skip
         self.braze_failures = Gauge("proxy_braze_failures_last_minute", "Answers in the trailing minute that Braze "

@@ -75,6 +75,8 @@ class Settings:
     breaker_failure_threshold: int = 5
     breaker_cooldown_seconds: float = 10.0
     redis_url: str | None = None
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_service: str | None = None
     redis_timeout_seconds: float = 0.1
     shared_state_path: str | None = None
     allowed_cidrs: tuple[str, ...] = ()
@@ -179,6 +181,20 @@ class CidrList(CommaList):
             except ValueError:
                 raise ValidationError(f"{entry!r} is not a network, an address or braze:CLUSTER") from None
         return entries
+
+
+class SentinelList(mf.Field):
+    """Comma-separated ``host:port`` addresses of Redis Sentinels (``[v6]:port`` for IPv6)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[tuple[str, int], ...]:
+        addresses = []
+        for entry in CommaList()._deserialize(value, attr, data, **kwargs):
+            host, sep, port = entry.rpartition(":")
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValidationError(f"{entry!r} is not host:port")
+            addresses.append((host, int(port)))
+        return tuple(addresses)
 
 
 class ProxyList(CommaList):
@@ -428,8 +444,22 @@ class SettingsSchema(Schema):
         allow_none=True,
         metadata={
             "description": "For example `redis://redis:6379/0`: share cache, budget, back-off and single-flight across "
-            "processes and instances. Not with `SHARED_STATE_PATH`."
+            "processes and instances. Not with `REDIS_SENTINELS`."
         },
+    )
+    REDIS_SENTINELS = SentinelList(
+        load_default=(),
+        metadata={
+            "description": "Instead of `REDIS_URL`: Redis Sentinels as `host:port,host:port,...`, asked for the "
+            "primary of `REDIS_SENTINEL_SERVICE` at each new connection, so a failover is followed without a "
+            "restart (see [Redis Sentinel](operations.md#redis-sentinel))."
+        },
+    )
+    REDIS_SENTINEL_SERVICE = mf.String(
+        load_default=None,
+        allow_none=True,
+        validate=_not_blank,
+        metadata={"description": "The name the sentinels monitor the primary under (`sentinel monitor NAME ...`)."},
     )
     REDIS_TIMEOUT_SECONDS = _seconds(
         0.1,
@@ -442,11 +472,13 @@ class SettingsSchema(Schema):
         allow_none=True,
         validate=_state_file,
         metadata={
-            "description": "Without Redis: an absolute path to a SQLite file through which the processes of this "
-            "machine share cache, budget, back-off and single-flight. `gunicorn.conf.py` with several workers and "
-            "neither setting makes one in a private temporary directory, removed when the master exits; name a file "
-            "(in an existing directory, owned by the service's user) to keep the budget's log and the cache across "
-            "restarts. Not with `REDIS_URL`."
+            "description": "An absolute path to this machine's SQLite file. Without Redis, the processes of this "
+            "machine share cache, budget, back-off and single-flight through it; with Redis, they keep in it a copy "
+            "of the grants Redis gave them, and go on through it when Redis goes away while this machine was the "
+            "whole fleet. When it is not set, `gunicorn.conf.py` makes one in a private temporary directory (with "
+            "several workers, or with Redis), kept across a `USR2` upgrade and removed when the last master exits; "
+            "name a file (in an existing directory, owned by the service's user) to keep it across restarts (see "
+            "[Running several processes](operations.md#running-several-processes-and-instances))."
         },
     )
     ALLOWED_CIDRS = CidrList(
@@ -537,7 +569,6 @@ class SettingsSchema(Schema):
             "description": "Serve the template preview page at `GET /preview` (see [The page](templates.md#the-page))."
         },
     )
-
     COHORT_WEBHOOK_SECRETS = SecretList(
         load_default=(),
         metadata={
@@ -611,11 +642,10 @@ class SettingsSchema(Schema):
         redis_url = data.get("REDIS_URL")
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValidationError("must start with redis://, rediss:// or unix://", "REDIS_URL")
-        if redis_url and data.get("SHARED_STATE_PATH"):
-            raise ValidationError(
-                "set REDIS_URL (shared across machines) or SHARED_STATE_PATH (one machine), not both",
-                "SHARED_STATE_PATH",
-            )
+        if redis_url and data.get("REDIS_SENTINELS"):
+            raise ValidationError("set REDIS_URL or REDIS_SENTINELS, not both", "REDIS_SENTINELS")
+        if bool(data.get("REDIS_SENTINELS")) != bool(data.get("REDIS_SENTINEL_SERVICE")):
+            raise ValidationError("REDIS_SENTINELS and REDIS_SENTINEL_SERVICE go together", "REDIS_SENTINEL_SERVICE")
 
 
 def first_problem(exc: ValidationError) -> tuple[str, str]:

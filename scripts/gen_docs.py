@@ -178,7 +178,7 @@ GROUPS = (
         "Shared tier",
         "How the processes and instances share cache, budget, back-off and single-flight. See [Running several "
         "processes and instances](operations.md#running-several-processes-and-instances).",
-        ("REDIS_URL", "REDIS_TIMEOUT_SECONDS", "SHARED_STATE_PATH"),
+        ("REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_SERVICE", "REDIS_TIMEOUT_SECONDS", "SHARED_STATE_PATH"),
     ),
     Group(
         "Cohort webhooks",
@@ -240,6 +240,8 @@ ENV_EXAMPLES = {
     "PROFILE_REC_IDS": "rec_home,rec_email",
     "PROFILE_PREDICTION_IDS": "pred_churn",
     "REDIS_URL": "redis://redis:6379/0",
+    "REDIS_SENTINELS": "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379",
+    "REDIS_SENTINEL_SERVICE": "mymaster",
     "SHARED_STATE_PATH": "/var/lib/amplitude-proxy/shared.sqlite3",
     "CALLER_MISS_LIMIT_PER_MINUTE": "60",
 }

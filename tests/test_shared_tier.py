@@ -129,7 +129,10 @@ def test_redis_killed_mid_run_and_restarted(make_service, sim, own_redis, clock)
 
 def test_redis_never_configured_reports_not_configured(service):
     body = requests.get(service.url + "/readyz", timeout=5).json()
-    assert body == {"status": "ok", "checks": {"settings": "ok", "circuit": "closed", "redis": "not_configured"}}
+    assert body == {
+        "status": "ok",
+        "checks": {"settings": "ok", "circuit": "closed", "redis": "not_configured", "admission": "process"},
+    }
 
 
 def test_a_locked_state_file_is_skipped_like_an_unreachable_redis(make_service, sim, sqlite_env, clock):
@@ -174,7 +177,13 @@ def test_readiness_and_metrics_show_a_state_file_that_refuses_writes(make_servic
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ok",
-        "checks": {"settings": "ok", "circuit": "closed", "redis": "not_configured", "shared_state": "ok"},
+        "checks": {
+            "settings": "ok",
+            "circuit": "closed",
+            "redis": "not_configured",
+            "shared_state": "ok",
+            "admission": "shared",
+        },
     }
     assert shared_file_gauge() == "1.0"
     other = make_service(clock=clock, **sqlite_env)

@@ -36,7 +36,10 @@ GOOD = {"AMPLITUDE_SECRET_KEY": "amp-secret-123", "PROXY_API_KEYS": "braze:calle
         ({"SHARED_STATE_PATH": "state/shared.sqlite3"}, "SHARED_STATE_PATH"),  # relative
         ({"SHARED_STATE_PATH": "/nonexistent-dir/shared.sqlite3"}, "SHARED_STATE_PATH"),
         ({"SHARED_STATE_PATH": "/tmp"}, "SHARED_STATE_PATH"),  # a directory
-        ({"SHARED_STATE_PATH": "/tmp/shared.sqlite3", "REDIS_URL": "redis://redis:6379/0"}, "SHARED_STATE_PATH"),
+        ({"REDIS_URL": "redis://r:6379", "REDIS_SENTINELS": "s:1", "REDIS_SENTINEL_SERVICE": "m"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "s1:26379,s2"}, "REDIS_SENTINELS"),  # no port
+        ({"REDIS_SENTINELS": "s1:26379"}, "REDIS_SENTINEL_SERVICE"),  # no service
+        ({"REDIS_SENTINEL_SERVICE": "mymaster"}, "REDIS_SENTINEL_SERVICE"),  # no sentinels
     ],
 )
 def test_bad_settings_name_the_variable_and_not_the_value(overrides, variable):

@@ -7,12 +7,12 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app
 
+from app.budget import OWN_SHARE, STOPPED
 from app.errors import json_response
 from app.http import schemas
 from app.http.routes import route
 from app.http.trace import RequestTrace
 from app.observability import ACCESS_LOG
-from app.stores.sqlite import SqliteShared
 
 ops = Blueprint("health", __name__)
 
@@ -27,7 +27,7 @@ def healthz(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
 
 @route(ops, "/readyz", summary="Readiness", response=schemas.ReadyResponse, auth=None)
 def readyz(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
-    """Settings, Redis or the shared state file, circuit; no Amplitude call."""
+    """Settings, Redis, the shared state file, circuit and how the budget admits; no Amplitude call."""
     extensions = trace.extensions
     checks: dict[str, Any] = {"settings": "ok", "circuit": extensions.breaker.state}
     if not extensions.settings.profile_api:
@@ -41,13 +41,15 @@ def readyz(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
         # Still serving from the local cache and budget share: degraded, not down.
         checks["redis"] = "unavailable"
         status = "degraded"
-    shared = extensions.shared
-    if isinstance(shared, SqliteShared):
+    state_file = extensions.state_file  # the shared tier, or the machine's file beside Redis
+    if state_file is not None:
         # This process's last write to it (at least the heartbeat's, every 1.7 s) tells.
-        checks["shared_state"] = "ok" if shared.writes_ok else "unavailable"
-        if not shared.writes_ok:
+        checks["shared_state"] = "ok" if state_file.writes_ok else "unavailable"
+        if not state_file.writes_ok:
             status = "degraded"
-    if checks["circuit"] != "closed":
+    # How this process's budget admits now (app.budget.MODES): cut off, it calls on its share or not at all.
+    checks["admission"] = extensions.budget.mode()
+    if checks["circuit"] != "closed" or checks["admission"] in (OWN_SHARE, STOPPED):
         status = "degraded"
     return json_response({"status": status, "checks": checks}, headers=_NO_STORE)
 

@@ -41,9 +41,19 @@ class AdmitRequest:
 
     ``bulk`` selects the priority rule's side (see :mod:`app.budget`): a live attempt
     reserves a slot within ``max_wait``, a bulk one is granted a slot now or refused.
-    ``merge_ages`` are grants this process made while cut off, as seconds before now,
-    to write into the log; ``remembered_fleet`` is the fleet size this process knew
-    before an outage (0: none to remember).
+    ``grant_id`` names the grant in the log. ``merges`` are grants this process knows of
+    that the log may lack (made while cut off, or lost with a Redis that restarted
+    empty), each as its id and seconds before now: a grant already in the log is not
+    counted twice. ``remembered_fleet`` is the fleet size this process knew before an
+    outage (0: none to remember). ``process_id`` is ``MACHINE/TOKEN`` when the process
+    has a machine (see :mod:`app.machine`): the Redis tier answers whether every process
+    it has heard from lately, and every grant in its window, is of that machine.
+
+    For a machine's SQLite file beside Redis (:class:`app.stores.sqlite_machine.MachineFile`):
+    ``episode`` is the episode of the machine's going on without Redis under which this
+    attempt admits (refused with :data:`ENDED` once it is over); ``carried`` is how many
+    grants the fleet's log held at its last answer, which a file that does not know what
+    was spent before it counts instead of a ramp.
 
     ``now`` is for tests only: the wall time the tier takes as now, instead of its own
     clock (Redis's ``TIME``, which a test cannot move; the SQLite tier's clock). The
@@ -60,23 +70,29 @@ class AdmitRequest:
     fleet_horizon: float
     heartbeat_only: bool = False
     remembered_fleet: int = 0
-    merge_ages: tuple[float, ...] = ()
+    merges: tuple[tuple[str, float], ...] = ()
+    episode: int | None = None
+    carried: int | None = None
     now: float | None = None
 
 
-#: :attr:`AdmitReply.granted` values.
-GRANTED, REFUSED, BACKING_OFF, HEARTBEAT = 1, 0, -1, 2
+#: :attr:`AdmitReply.granted` values. ``ENDED``: the machine's episode the attempt named is
+#: over (Redis answers again): nothing was granted, ask the fleet's log.
+GRANTED, REFUSED, BACKING_OFF, HEARTBEAT, ENDED = 1, 0, -1, 2, -2
 
 
 @dataclass(frozen=True, slots=True)
 class AdmitReply:
     """The log's answer: granted (``wait`` until the slot) or not (``wait`` until one is
-    expected), the fleet's size and the grants in the window."""
+    expected), the fleet's size and the grants in the window; ``alone`` (Redis only): every
+    process heard from lately and every grant in the window is of the asking process's
+    machine."""
 
     granted: int
     wait: float
     fleet: int
     used: int
+    alone: bool = False
 
 
 class SharedTier(Protocol):
@@ -110,6 +126,10 @@ class SharedTier(Protocol):
 
     def leave_fleet(self, process_id: str) -> None:
         """Stop counting *process_id* in the fleet."""
+        ...
+
+    def retry_now(self) -> None:
+        """Forget the pause after a failure: the next operation tries the tier again."""
         ...
 
     def back_off(self, seconds: float) -> None:

@@ -111,6 +111,10 @@ class SqliteShared:
     def available(self) -> bool:
         return not self._closed and (self._healthy or self._now() >= self._down_until)
 
+    def retry_now(self) -> None:
+        with self._lock:
+            self._down_until = 0.0
+
     def _failed(self, exc: BaseException) -> SharedUnavailable:
         with self._lock:
             self._down_until = self._now() + RETRY_AFTER_FAILURE_SECONDS

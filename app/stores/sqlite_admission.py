@@ -13,7 +13,14 @@ new gunicorn master replacing an old one), it counts the limit as spent evenly o
 window before ``since``, its first admission (as :meth:`app.core.window.SlidingWindow.occupy`
 does in one process from its start), kept as arithmetic rather than rows. From the first
 admission, not from the file's creation: slots freed before anyone could use them (while
-the workers boot) would otherwise be missing from the first window's work.
+the workers boot) would otherwise be missing from the first window's work. A machine's
+file beside Redis learns what was spent from the fleet's log instead: the first heartbeat
+that carries the log's count (:attr:`~app.stores.shared.AdmitRequest.carried`) counts that
+many grants as made at that moment, and no ramp.
+
+An attempt that names a machine episode (:attr:`~app.stores.shared.AdmitRequest.episode`)
+is decided only while that episode runs (see :mod:`app.stores.sqlite_machine`); once it
+is over the answer is :data:`~app.stores.shared.ENDED` and nothing is written.
 """
 
 from __future__ import annotations
@@ -22,7 +29,11 @@ import math
 import sqlite3
 
 from app.core.window import NEVER, Marks, decide
-from app.stores.shared import BACKING_OFF, GRANTED, HEARTBEAT, REFUSED, AdmitReply, AdmitRequest
+from app.stores.shared import BACKING_OFF, ENDED, GRANTED, HEARTBEAT, REFUSED, AdmitReply, AdmitRequest
+
+#: Carried grants are counted as made this long after the heartbeat that carries them: a
+#: live request's reservation lies at most ``BUDGET_MAX_WAIT_SECONDS`` (1.4 s at most) ahead.
+CARRIED_AHEAD_SECONDS = 1.5
 
 # Everything admission reads, in one statement. This process is counted as if its
 # heartbeat were already written (it is, with the decision).
@@ -34,12 +45,16 @@ SELECT (SELECT count(*) FROM fleet WHERE seen > :fleet_horizon AND member != :me
        (SELECT count(*) FROM meta WHERE name = 'since' AND value IS NULL),
        (SELECT expires_at FROM kv WHERE key = 'backoff' AND expires_at > :now),
        (SELECT value FROM meta WHERE name = 'live_until'),
-       (SELECT value FROM meta WHERE name = 'bulk_due')
+       (SELECT value FROM meta WHERE name = 'bulk_due'),
+       coalesce((SELECT value FROM meta WHERE name = 'away'), 0),
+       coalesce((SELECT value FROM meta WHERE name = 'epoch'), 0)
 """
 
 _KTH = "SELECT stamp FROM grants WHERE stamp > ? ORDER BY stamp LIMIT 1 OFFSET ?"
 
-_WRITE = "INSERT INTO admitted (member, now, slot, live_until, bulk_due) VALUES (?, ?, ?, ?, ?)"
+_MERGE = "INSERT INTO grants (stamp, id) SELECT ?, ? WHERE NOT EXISTS (SELECT 1 FROM grants WHERE id = ?)"
+
+_WRITE = "INSERT INTO admitted (member, now, slot, live_until, bulk_due, grant_id) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitReply:
@@ -51,21 +66,29 @@ def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitRep
     if r.now is not None:  # a test's clock (see AdmitRequest)
         now = r.now
     horizon = now - r.window
-    merged = [(now - age,) for age in r.merge_ages if now - age > horizon]
-    if merged:
-        db.executemany("INSERT INTO grants (stamp) VALUES (?)", merged)
+    merged = [(now - age, grant_id, grant_id) for grant_id, age in r.merges if now - age > horizon]
+    if merged:  # a grant the log already holds (by its id) is not counted twice
+        db.executemany(_MERGE, merged)
     if r.heartbeat_only:
         db.execute("DELETE FROM fleet WHERE seen <= ?", (now - r.fleet_horizon,))
         db.execute("DELETE FROM grants WHERE stamp <= ?", (horizon,))
-    others, others_alive, logged, since, ramp_from_now, backoff_until, live_until, bulk_due = db.execute(
+    state = db.execute(
         _STATE,
         {"fleet_horizon": now - r.fleet_horizon, "alive_since": now - r.heartbeat_timeout, "horizon": horizon,
          "now": now, "me": r.process_id},
     ).fetchone()  # fmt: skip
+    others, others_alive, logged, since, ramp_from_now, backoff_until, live_until, bulk_due, away, epoch = state
     # A process back from an outage remembers the fleet it knew (see app.budget).
     fleet = max(int(others) + 1, r.remembered_fleet)
     quiet = fleet - (int(others_alive) + 1)
-    if ramp_from_now:
+    if r.episode is not None and not r.heartbeat_only and (int(away), int(epoch)) != (1, r.episode):
+        return AdmitReply(ENDED, 0.0, fleet, int(logged))
+    if ramp_from_now and r.carried is not None:
+        # The fleet's log knows what was spent before this file: count that, not a ramp.
+        db.execute("DELETE FROM meta WHERE name = 'since'")
+        db.executemany("INSERT INTO grants (stamp) VALUES (?)", [(now + CARRIED_AHEAD_SECONDS,)] * r.carried)
+        since, logged = None, int(logged) + r.carried
+    elif ramp_from_now:
         db.execute("UPDATE meta SET value = ? WHERE name = 'since'", (now,))
         since = now
     ramp = _Ramp(None if since is None else float(since), r.limit, r.window, now)
@@ -74,7 +97,7 @@ def admit(db: sqlite3.Connection, request: AdmitRequest, now: float) -> AdmitRep
     def decided(reply: AdmitReply, slot: float | None = None, marks: Marks | None = None) -> AdmitReply:
         # The marks are written with a grant (the only thing that moves them), never as -inf.
         live, due = (None, None) if marks is None else (_finite(marks.live_until), _finite(marks.bulk_due))
-        db.execute(_WRITE, (r.process_id, now, slot, live, due))
+        db.execute(_WRITE, (r.process_id, now, slot, live, due, r.grant_id))
         return reply
 
     if r.heartbeat_only:

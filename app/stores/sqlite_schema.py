@@ -1,10 +1,14 @@
 """The SQLite tier's file: its tables, the operations stored in it, and how it is created.
 
 Tables: ``kv`` (profiles, not-founds, claims, failure notes and the 429 back-off, each
-with a wall-time expiry), ``grants`` (the admission log), ``fleet`` (each process's last
-heartbeat) and ``meta`` (``since``: when the log began, null until the first admission
-when what was spent before the file is unknown; ``live_until`` and ``bulk_due``: the
-priority rule's marks, see :mod:`app.budget`).
+with a wall-time expiry), ``grants`` (the admission log: each grant's stamp, and its id
+where it has one, so a grant written back twice is counted once), ``fleet`` (each
+process's last heartbeat), ``meta`` (``since``: when the log began, null until the first
+admission when what was spent before the file is unknown; ``live_until`` and
+``bulk_due``: the priority rule's marks, see :mod:`app.budget`; ``away``, ``epoch`` and
+``away_at``: the machine's state beside Redis, see :mod:`app.stores.sqlite_machine`)
+and ``machine`` (one random id, made with the file: every process that opens the file
+is on the same machine, see :mod:`app.machine`).
 
 Operations that write several rows are stored in the file, as the Lua scripts are in
 Redis: an ``INSERT`` into a view whose ``INSTEAD OF`` trigger does the writes. One
@@ -21,8 +25,9 @@ import sqlite3
 
 from app.clock import SYSTEM_CLOCK, Clock
 
-#: Bumped when the tables or stored operations change; a file of another version is refused.
-SCHEMA_VERSION = 2
+#: Bumped when the tables or stored operations change. A file of version 2 is brought up to
+#: date at start (what it holds stays valid); one of any other version is refused.
+SCHEMA_VERSION = 3
 #: UPSERT with RETURNING.
 MIN_SQLITE = (3, 35, 0)
 #: How long start-up waits for the file (several workers may open it at once).
@@ -35,6 +40,16 @@ _TABLES = (
     "CREATE INDEX grants_stamp ON grants (stamp)",
     "CREATE TABLE fleet (member TEXT PRIMARY KEY, seen REAL NOT NULL)",
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value REAL)",
+)
+
+#: What version 3 adds to version 2's tables (and a new file gets after them).
+_VERSION_3 = (
+    "ALTER TABLE grants ADD COLUMN id TEXT",
+    "CREATE INDEX grants_id ON grants (id)",  # a grant written back is looked up by its id
+    "CREATE TABLE machine (id TEXT NOT NULL)",
+    "INSERT INTO machine (id) VALUES (lower(hex(randomblob(16))))",
+    "DROP TRIGGER IF EXISTS admitted_op",
+    "DROP VIEW IF EXISTS admitted",
 )
 
 _OPERATIONS = (
@@ -54,12 +69,15 @@ _OPERATIONS = (
         WHERE key = NEW.lock AND value = NEW.token AND expires_at > NEW.now AND NEW.note_value IS NOT NULL;
       DELETE FROM kv WHERE key = NEW.lock AND value = NEW.token;
     END""",
+)
+
+_ADMITTED = (
     # What an admission writes once it has decided: the heartbeat, the grant (unless
     # refused) and the priority rule's marks (when the grant moved them).
-    "CREATE VIEW admitted (member, now, slot, live_until, bulk_due) AS SELECT 0, 0, 0, 0, 0 WHERE 0",
+    "CREATE VIEW admitted (member, now, slot, live_until, bulk_due, grant_id) AS SELECT 0, 0, 0, 0, 0, 0 WHERE 0",
     """CREATE TRIGGER admitted_op INSTEAD OF INSERT ON admitted BEGIN
       INSERT OR REPLACE INTO fleet (member, seen) VALUES (NEW.member, NEW.now);
-      INSERT INTO grants (stamp) SELECT NEW.slot WHERE NEW.slot IS NOT NULL;
+      INSERT INTO grants (stamp, id) SELECT NEW.slot, NEW.grant_id WHERE NEW.slot IS NOT NULL;
       INSERT OR REPLACE INTO meta (name, value) SELECT 'live_until', NEW.live_until WHERE NEW.live_until IS NOT NULL;
       INSERT OR REPLACE INTO meta (name, value) SELECT 'bulk_due', NEW.bulk_due WHERE NEW.bulk_due IS NOT NULL;
     END""",
@@ -100,10 +118,14 @@ def initialise(path: str, clock: Clock = SYSTEM_CLOCK, history_known: bool = Fal
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                for statement in (*_TABLES, *_OPERATIONS):
+                for statement in (*_TABLES, *_OPERATIONS, *_VERSION_3, *_ADMITTED):
                     db.execute(statement)
                 if not history_known:
                     db.execute("INSERT INTO meta (name, value) VALUES ('since', NULL)")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            elif version == 2:  # a file kept from the version before: its rows stay valid
+                for statement in (*_VERSION_3, *_ADMITTED):
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
             elif version != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"the file has schema version {version}, not {SCHEMA_VERSION}")

@@ -12,7 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.budget import FLEET_HORIZON_SECONDS, HEARTBEAT_TIMEOUT_SECONDS, NoSlot, UpstreamBudget
+from app.budget import (
+    FLEET_HORIZON_SECONDS,
+    HEARTBEAT_TIMEOUT_SECONDS,
+    OWN_SHARE,
+    PROCESS,
+    STOPPED,
+    NoSlot,
+    UpstreamBudget,
+)
 from app.core.window import SlidingWindow
 from app.errors import RateLimited
 from app.stores.shared import AdmitReply, AdmitRequest, SharedUnavailable
@@ -192,6 +200,20 @@ def test_cut_off_from_the_shared_tier_a_process_waits_a_window_then_uses_its_fle
     clock.advance(FLEET_HORIZON_SECONDS)  # the others no longer hold this share back
     with pytest.raises(RateLimited):
         budget.acquire(0.0)
+
+
+def test_the_mode_says_how_the_budget_admits_as_an_outage_goes_on():
+    clock = FakeClock()
+    assert UpstreamBudget(60, shares=1, clock=clock, window=WINDOW).mode() == PROCESS
+    budget = UpstreamBudget(60, shares=4, shared=DownTier(), clock=clock, window=WINDOW)  # type: ignore[arg-type]
+    budget.close()
+    with pytest.raises(RateLimited):
+        budget.acquire(0.0)
+    assert budget.mode() == STOPPED  # cut off: nothing until its share is safe
+    clock.advance(WINDOW + HEARTBEAT_TIMEOUT_SECONDS)
+    assert budget.mode() == OWN_SHARE
+    clock.advance(FLEET_HORIZON_SECONDS)
+    assert budget.mode() == STOPPED  # cut off too long: the others no longer hold its share back
 
 
 def test_a_ramp_for_a_huge_limit_costs_no_memory_and_frees_slots_evenly():

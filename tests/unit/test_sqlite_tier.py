@@ -198,10 +198,13 @@ def test_a_429_back_off_reaches_every_process(tiers, clock):
     assert second.admit(ask("p1")).granted == GRANTED
 
 
-def test_grants_made_while_cut_off_are_merged_and_heartbeats_trim(tiers, clock, tmp_path):
-    first, _ = tiers
-    reply = first.admit(ask("p0", heartbeat_only=True, merge_ages=(1.0, 2.0, WINDOW + 1)))
+def test_grants_made_while_cut_off_are_merged_once_each_and_heartbeats_trim(tiers, clock, tmp_path):
+    first, second = tiers
+    merges = (("p0:1", 1.0), ("p0:2", 2.0), ("p0:3", WINDOW + 1))
+    reply = first.admit(ask("p0", heartbeat_only=True, merges=merges))
     assert reply.granted == HEARTBEAT and reply.used == 2  # the one older than the window is dropped
+    # Written back again (after another outage, say): the log already holds them by id.
+    assert second.admit(ask("p1", heartbeat_only=True, merges=merges[:2])).used == 2
     clock.advance(WINDOW)
     first.admit(ask("p0", heartbeat_only=True))
     assert sqlite3.connect(tmp_path / "shared.sqlite3").execute("SELECT count(*) FROM grants").fetchone()[0] == 0
@@ -215,6 +218,16 @@ def test_a_new_file_ramps_up_as_if_the_limit_had_been_spent_evenly_before_its_fi
     assert [first.admit(ask("p0", limit=10)).granted for _ in range(4)] == [GRANTED] * 3 + [REFUSED]
     clock.advance(WINDOW / 10)
     assert second.admit(ask("p0", limit=10)).granted == GRANTED  # the log is the file's, not a process's
+
+
+def test_a_machines_file_beside_redis_counts_what_redis_held_instead_of_a_ramp(tmp_path, clock):
+    first, second = pair(tmp_path / "shared.sqlite3", clock, history_known=False)
+    reply = first.admit(ask("p0", limit=10, heartbeat_only=True, carried=4))  # Redis's log held four
+    assert reply.used == 4
+    assert first.admit(ask("p1", heartbeat_only=True, carried=9)).used == 4  # carried once, by the first
+    assert [second.admit(ask("p1", limit=10)).granted for _ in range(7)] == [GRANTED] * 6 + [REFUSED]
+    clock.advance(WINDOW + 2)  # the carried four have left the window with the rest
+    assert second.admit(ask("p1", limit=10)).granted == GRANTED
 
 
 # -- a busy, broken or foreign file ---------------------------------------------------------------
