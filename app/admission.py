@@ -18,7 +18,7 @@ from app.core.breaker import CircuitBreaker
 from app.errors import RateLimited, UpstreamMisconfigured, UpstreamUnavailable, UserNotFound
 from app.metrics import Metrics
 from app.settings import SEND_ALLOWANCE_SECONDS
-from app.upstream import UpstreamThrottled
+from app.upstream import UpstreamLate, UpstreamThrottled
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ class Admission:
             raise
         except UpstreamMisconfigured:
             outcome = "misconfigured"
+            self.breaker.release()
+            raise
+        except UpstreamLate:
+            outcome = "late"  # the request's lateness, not Amplitude's failure (app.upstream)
             self.breaker.release()
             raise
         except UpstreamUnavailable as exc:

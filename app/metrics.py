@@ -63,7 +63,7 @@ class Metrics:
                              registry=reg)  # fmt: skip
         self.upstream = Counter(
             "proxy_upstream_calls",
-            "Amplitude calls by outcome: ok, not_found, throttled, misconfigured, failed, not_sent.",
+            "Amplitude calls by outcome: ok, not_found, throttled, misconfigured, failed, late, not_sent.",
             ["outcome"], registry=reg,
         )  # fmt: skip
         self.upstream_latency = Histogram(

@@ -31,6 +31,17 @@ UNKNOWN_USER_ERROR = "User id and device id not seen before"
 MAX_ITEMS = 1000
 
 
+class UpstreamLate(UpstreamUnavailable):
+    """No answer in what was left of the request's deadline, which was less than the read timeout.
+
+    The call started late (the request had waited: on a budget slot, or for CPU in a
+    stampede), so a timeout says nothing of Amplitude: it does not count towards opening
+    the circuit, which would turn one busy moment into ten seconds without any call.
+    """
+
+    message = "Amplitude did not answer in what was left of the deadline"
+
+
 class UpstreamThrottled(RateLimited):
     """Amplitude answered 429: the organisation's quota is spent for now."""
 
@@ -72,6 +83,10 @@ class _Answer(TypedDict, total=False):
 
 
 _DECODER = msgspec.json.Decoder(_Answer)
+
+
+class _OutOfTime(Exception):
+    """A socket timeout, or the deadline passed while the answer arrived (told apart in ``_get``)."""
 
 
 class AmplitudeClient:
@@ -132,16 +147,25 @@ class AmplitudeClient:
     def _get(self, query: ProfileQuery, deadline: Deadline) -> tuple[int, Any, bytes]:
         connect, read = self.timeouts
         timeout = urllib3.Timeout(connect=max(0.001, deadline.capped(connect)), read=max(0.001, deadline.capped(read)))
+        # Whether Amplitude had the whole read timeout to answer: if not, running out of time
+        # is the request's lateness rather than Amplitude's failure (UpstreamLate).
+        full_time = deadline.remaining() >= read
         # Socket timeouts bound each read, not the exchange: an answer that trickles in a
         # line at a time would hold this thread long past the deadline. The watchdog cuts
         # the connection at the deadline, whatever stage the exchange is in.
         with self.watchdog.watch(deadline.remaining()) as watched:
             try:
                 return self._exchange(query, deadline, timeout)
+            except _OutOfTime:
+                if not full_time:
+                    raise UpstreamLate() from None
+                raise UpstreamUnavailable("Amplitude did not answer within the deadline") from None
             except UpstreamUnavailable:
-                if watched.was_cut:
-                    raise UpstreamUnavailable("Amplitude did not answer within the deadline") from None
-                raise
+                if not watched.was_cut:
+                    raise
+                if not full_time:
+                    raise UpstreamLate() from None
+                raise UpstreamUnavailable("Amplitude did not answer within the deadline") from None
 
     def _exchange(self, query: ProfileQuery, deadline: Deadline, timeout: urllib3.Timeout) -> tuple[int, Any, bytes]:
         target = f"{self.path}?{query.upstream_query()}"
@@ -163,14 +187,14 @@ class AmplitudeClient:
                 if size > self.max_body:
                     raise UpstreamUnavailable("Amplitude's answer is larger than the configured cap")
                 if deadline.expired():
-                    raise UpstreamUnavailable("Amplitude's answer took too long to arrive")
+                    raise _OutOfTime()
                 chunks.append(chunk)
             # Done with the socket before it goes back to the pool: the watchdog must not cut it now.
             finish_watched_call()
             complete = True
             return response.status, response.headers, b"".join(chunks)
         except urllib3.exceptions.TimeoutError:
-            raise UpstreamUnavailable("Amplitude timed out") from None
+            raise _OutOfTime() from None
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
             # urllib3's protocol errors (truncated bodies, resets) surface under several roots.
             raise UpstreamUnavailable(f"Amplitude connection failed ({type(exc).__name__})") from None

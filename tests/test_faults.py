@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -181,6 +182,23 @@ def test_breaker_opens_then_half_opens_with_one_probe(make_service, sim, clock):
     # The probe succeeded, so the circuit is closed again.
     assert service.get("/v1/users/user-after/cohorts").status_code == 200
     assert service.get("/readyz", key=None).json()["checks"]["circuit"] == "closed"
+
+
+def test_calls_that_start_late_and_run_out_of_time_do_not_open_the_circuit(make_service, sim):
+    """A call that starts with less of the deadline left than the read timeout (the request
+    waited: in a stampede, for a slot) and gets no answer in time says nothing of Amplitude;
+    the same slow Amplitude asked on time is a failure, and opens the circuit."""
+    service = make_service(BREAKER_FAILURE_THRESHOLD=2)
+    sim.set_fault("slow", seconds=3)
+    for n in range(4):
+        # Received by the front 0.8 s ago: 0.65 s left of the deadline, less than the 1 s read timeout.
+        late = service.get(f"/v1/users/late-{n}/cohorts", headers={"X-Request-Start": f"t={time.time() - 0.8:.3f}"})
+        assert late.status_code == 503 and late.json()["error"] == "upstream_unavailable"
+    assert sim.calls == 4  # each call went out
+    assert service.get("/readyz", key=None).json()["checks"]["circuit"] == "closed"
+    for n in range(2):
+        assert service.get(f"/v1/users/on-time-{n}/cohorts").status_code == 503
+    assert service.get("/readyz", key=None).json()["checks"]["circuit"] == "open"
 
 
 def test_breaker_open_serves_stale_at_once(make_service, sim, clock):
