@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -33,6 +33,7 @@ def create_app(
     from app.errors import register_error_handlers
     from app.extensions import ProxyExtensions
     from app.http.arrival import ArrivalStamp
+    from app.http.data import DataRoutes
     from app.http.forwarded import TrustedForwardedFor
     from app.http.gate import register_gate
     from app.http.middleware import RawPathMiddleware
@@ -56,14 +57,14 @@ def create_app(
     register_error_handlers(app)
     register_gate(app)
     app.register_blueprint(ops)
-    app.register_blueprint(v1)
     app.register_blueprint(webhooks)
     if settings.preview_page:
         from app.preview.page import register as register_preview_page
 
         register_preview_page(app)
     proxies = parse_networks(settings.forwarded_allow_ips)
-    wsgi = app.wsgi_app
+    # The data routes, answered without Flask (app.http.data); everything else goes on to it.
+    wsgi: Any = DataRoutes(v1, extensions, app.wsgi_app)
     if settings.trusted_proxy_count:
         # X-Forwarded-For counts only from FORWARDED_ALLOW_IPS, and only the entries the
         # trusted proxies appended: a client's own entries sit further left and are ignored.

@@ -333,12 +333,16 @@ class UpstreamBudget:
             # After an outage, write back every own grant still in the window (by id: Redis
             # may have restarted empty or failed over; if not, each is counted once).
             remerge = self._remerge
-            merges = tuple((grant_id, now - stamp) for stamp, grant_id in self._own if stamp > now - self.window)
+            merges = (
+                tuple((grant_id, now - stamp) for stamp, grant_id in self._own if stamp > now - self.window)
+                if remerge
+                else ()
+            )
             # For a horizon after an outage, the fleet known before it still counts.
             recent_outage = remerge or now - self._recovered_at < FLEET_HORIZON_SECONDS
             remembered_fleet = self._fleet if recent_outage else 0
         request = self._request(max_wait, bulk, heartbeat_only, grant_id,
-                                remembered_fleet=remembered_fleet, merges=merges if remerge else ())  # fmt: skip
+                                remembered_fleet=remembered_fleet, merges=merges)  # fmt: skip
         try:
             reply = self.shared.admit(request)
         except SharedUnavailable:

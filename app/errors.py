@@ -12,7 +12,8 @@ from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
-ERROR_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+#: Headers of every error answer (besides `nosniff` and the request id, which every answer carries).
+ERROR_HEADERS = {"Cache-Control": "no-store"}
 
 
 class ApiError(HTTPException):
@@ -129,30 +130,41 @@ def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
 _NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 
 
-def render_error(exc: ApiError) -> Response:
-    """The answer for a typed error: its JSON body, status and headers."""
-    return json_response(exc.body(), exc.code or 500, {**ERROR_HEADERS, **exc.extra_headers})
+#: An answer's parts: status, headers, JSON body.
+ErrorParts = tuple[int, dict[str, str], dict[str, Any]]
 
 
-def _render_http(exc: HTTPException) -> Response:
+def error_parts(exc: HTTPException) -> ErrorParts:
+    """The one error contract: status, headers and JSON body for a typed error or werkzeug's own."""
     if isinstance(exc, ApiError):
-        return render_error(exc)
+        return exc.code or 500, {**ERROR_HEADERS, **exc.extra_headers}, exc.body()
     code = exc.code or 500
     error = _GENERIC_CODES.get(code) or (exc.name or "error").lower().replace(" ", "_")
     headers = dict(ERROR_HEADERS)
     if code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
         headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
     message = (exc.description or exc.name or "error").split("\n")[0]
-    return json_response({"error": error, "message": message}, code, headers)
+    return code, headers, {"error": error, "message": message}
+
+
+def unexpected_parts(exc: Exception) -> ErrorParts:
+    """A 500 for anything unhandled: the trace goes to the log, the caller only learns that something broke."""
+    log.exception("unhandled error while serving a request", exc_info=exc)
+    return 500, dict(ERROR_HEADERS), {"error": "internal_error", "message": "internal error"}
+
+
+def render_error(exc: HTTPException) -> Response:
+    """The answer for a typed error (or werkzeug's own), as a Flask response."""
+    status, headers, body = error_parts(exc)
+    return json_response(body, status, headers)
 
 
 def render_unexpected(exc: Exception) -> Response:
-    # The trace goes to the log; the caller only learns that something broke.
-    log.exception("unhandled error while serving a request", exc_info=exc)
-    return json_response({"error": "internal_error", "message": "internal error"}, 500, ERROR_HEADERS)
+    status, headers, body = unexpected_parts(exc)
+    return json_response(body, status, headers)
 
 
 def register_error_handlers(app: Flask) -> None:
     """Answer every error, Flask's own included, with the JSON contract."""
-    app.register_error_handler(HTTPException, _render_http)
+    app.register_error_handler(HTTPException, render_error)
     app.register_error_handler(Exception, render_unexpected)

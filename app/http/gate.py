@@ -2,7 +2,9 @@
 
 One step, in this order, before any other work: start the request's trace and its
 deadline, apply the network allowlist, check the credentials the route declares
-(braking repeated failures per address), and decode every path value.
+(braking repeated failures per address), and decode every path value. The data routes
+(:class:`app.http.data.DataRoutes`) and the routes Flask serves (:func:`register_gate`)
+call the same functions; each reads the WSGI environ directly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from app.errors import Forbidden, InvalidRequest, RetryableError, Unauthorized
 from app.http.arrival import ARRIVAL_KEY
 from app.http.auth import CallerKeys, presented_key
 from app.http.params import MAX_QUERY_BYTES, decode_segment
-from app.http.routes import ROUTES
+from app.http.routes import ROUTES, RouteSpec
 from app.http.trace import RequestTrace
 from app.observability import log_request, request_id_from
 
@@ -70,20 +72,14 @@ def route_template(rule: str) -> str:
     return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
 
 
-def admit(endpoint: str | None, values: dict[str, Any] | None) -> None:
-    """The gate: trace and deadline, allowlist, credentials, path values.
-
-    Reads the WSGI environ directly: each ``request``/``current_app``/``g`` access is a
-    context-local lookup, and a cached answer has little else to spend time on.
-    """
-    extensions: ProxyExtensions = current_app.extensions["profile_proxy"]
+def start_trace(extensions: ProxyExtensions, environ: dict[str, Any]) -> RequestTrace:
+    """The request's trace: its id, arrival (the front's stamp, else now) and deadline."""
     settings = extensions.settings
     clock = extensions.clock
-    environ = request.environ
     arrival = environ.get(ARRIVAL_KEY)
     if arrival is None:
         arrival = clock.monotonic()
-    trace = RequestTrace(
+    return RequestTrace(
         request_id_from(environ.get("HTTP_X_REQUEST_ID")),
         arrival,
         extensions,
@@ -91,14 +87,30 @@ def admit(endpoint: str | None, values: dict[str, Any] | None) -> None:
         raw_query=environ.get("QUERY_STRING", ""),
         queue_ms=max(0.0, clock.monotonic() - arrival) * 1000,
     )
-    g.trace = trace
-    spec = ROUTES.get(endpoint or "")
-    ungated = environ.get("PATH_INFO") in UNGATED_PATHS or (spec is not None and spec.auth == "webhook")
-    if extensions.allowlist and not ungated:
-        if not extensions.allowlist.allows(environ.get("REMOTE_ADDR")):
-            raise Forbidden()
-    if spec is None or spec.auth is None or spec.auth == "webhook":
+
+
+def check_address(trace: RequestTrace, environ: dict[str, Any], spec: RouteSpec | None) -> None:
+    """The allowlist, before anything else (unknown routes included): probes and webhooks pass.
+
+    :raises Forbidden: the caller's address is outside ``ALLOWED_CIDRS``.
+    """
+    allowlist = trace.extensions.allowlist
+    if not allowlist:
         return
+    if environ.get("PATH_INFO") in UNGATED_PATHS or (spec is not None and spec.auth == "webhook"):
+        return
+    if not allowlist.allows(environ.get("REMOTE_ADDR")):
+        raise Forbidden()
+
+
+def check(trace: RequestTrace, environ: dict[str, Any], spec: RouteSpec, values: dict[str, Any] | None) -> None:
+    """The credentials the route declares, then every path value decoded and checked.
+
+    :raises ApiError: 401, 403 or 429 for the credentials, 400 for a path value or the query's size.
+    """
+    if spec.auth is None or spec.auth == "webhook":
+        return
+    extensions = trace.extensions
     if spec.auth == "operator" and not extensions.admin_keys:
         raise Forbidden("this action needs an admin key: set ADMIN_API_KEYS")
     if spec.auth in ("admin", "operator") and extensions.admin_keys:
@@ -122,17 +134,9 @@ def decode_path_values(trace: RequestTrace, values: dict[str, Any]) -> None:
         values[name] = decode_segment(name, raw)
 
 
-def finish(response: Response) -> Response:
-    """Stamp the common headers and queue the access line and metrics."""
-    trace: RequestTrace | None = g.get("trace")
-    headers = response.headers
-    headers["X-Content-Type-Options"] = "nosniff"
-    if trace is None:
-        return response
-    headers["X-Request-ID"] = trace.request_id
-    rule = request.url_rule
-    account(trace, response.status_code, request.method, rule.rule if rule is not None else "unmatched")
-    return response
+def common_headers(trace: RequestTrace) -> tuple[tuple[str, str], ...]:
+    """Headers every answer carries, data or not, success or error."""
+    return (("X-Content-Type-Options", "nosniff"), ("X-Request-ID", trace.request_id))
 
 
 def account(trace: RequestTrace, status: int, method: str, rule: str) -> None:
@@ -150,5 +154,27 @@ def account(trace: RequestTrace, status: int, method: str, rule: str) -> None:
 
 
 def register_gate(app: Flask) -> None:
+    """The same gate and bookkeeping for the routes Flask serves (the operators' and webhooks')."""
+
+    def admit(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        environ = request.environ
+        trace = g.trace = start_trace(current_app.extensions["profile_proxy"], environ)
+        spec = ROUTES.get(endpoint or "")
+        check_address(trace, environ, spec)
+        if spec is not None:
+            check(trace, environ, spec, values)
+
+    def finish(response: Response) -> Response:
+        trace: RequestTrace | None = g.get("trace")
+        headers = response.headers
+        if trace is None:  # refused before the gate (an unreadable request): still nosniff
+            headers["X-Content-Type-Options"] = "nosniff"
+            return response
+        for name, value in common_headers(trace):
+            headers[name] = value
+        rule = request.url_rule
+        account(trace, response.status_code, request.method, rule.rule if rule is not None else "unmatched")
+        return response
+
     app.url_value_preprocessor(admit)
     app.after_request(finish)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
 from app.budget import OWN_SHARE, STOPPED
 from app.errors import json_response
@@ -61,7 +61,7 @@ def openapi(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     if extensions.openapi is None:
         from app.http.openapi import build_spec
 
-        extensions.openapi = build_spec(current_app)
+        extensions.openapi = build_spec()
     return json_response(extensions.openapi, headers={"Cache-Control": "public, max-age=3600"})
 
 

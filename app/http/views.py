@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response
-
 from app.cohorts.errors import CohortNotKept
 from app.core.query import ProfileQuery
 from app.errors import (
@@ -21,7 +19,6 @@ from app.errors import (
     InvalidRequest,
     NoRecommendations,
     ProfileApiUnavailable,
-    json_response,
 )
 from app.http import schemas
 from app.http.params import (
@@ -31,18 +28,18 @@ from app.http.params import (
     RecommendationArgs,
     RecommendationListArgs,
 )
-from app.http.routes import route
+from app.http.routes import Answer, RouteTable, route
 from app.http.trace import RequestTrace
 from app.lookup import Lookup
 
-v1 = Blueprint("v1", __name__, url_prefix="/v1/<any(users, devices):kind>/<id>")
+v1 = RouteTable("v1", "/v1/<any(users, devices):kind>/<id>")
 
 
 def _lookup(trace: RequestTrace, query: ProfileQuery) -> Lookup:
     return trace.extensions.profile_lookup.lookup(query, trace.deadline, trace)
 
 
-def _respond(body: dict[str, Any], lookup: Lookup | None) -> Response:
+def _respond(body: dict[str, Any], lookup: Lookup | None) -> Answer:
     """A 200 whose caching headers tell how fresh the data is."""
     if lookup is None:
         headers = {"X-Cache": "MISS", "Cache-Control": "no-store"}
@@ -52,7 +49,7 @@ def _respond(body: dict[str, Any], lookup: Lookup | None) -> Response:
             "Age": str(int(lookup.age)),
             "Cache-Control": f"private, max-age={int(lookup.fresh_for)}",
         }
-    return json_response(body, headers=headers)
+    return Answer(body, headers)
 
 
 def _shape_rec(rec_id: str, rec: dict[str, Any], limit: int | None) -> dict[str, Any]:
@@ -117,7 +114,7 @@ def _recommendations(
     response=schemas.RecommendationResponse,
     description="Items of one Amplitude recommendation. With `default`, failures become a 200 with `fallback: true`.",
 )  # fmt: skip
-def recommendation(trace: RequestTrace, args: Mapping[str, Any], rec_id: str) -> Response:
+def recommendation(trace: RequestTrace, args: Mapping[str, Any], rec_id: str) -> Answer:
     shaped, lookup = _recommendations(trace, (rec_id,), args)
     return _respond({trace.subject.id_field: trace.subject.value, **shaped[rec_id]}, lookup)
 
@@ -127,7 +124,7 @@ def recommendation(trace: RequestTrace, args: Mapping[str, Any], rec_id: str) ->
     response=schemas.RecommendationListResponse,
     description="Several recommendations at once (`ids`, else the configured PROFILE_REC_IDS).",
 )  # fmt: skip
-def recommendations(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
+def recommendations(trace: RequestTrace, args: Mapping[str, Any]) -> Answer:
     rec_ids = args.get("ids") or trace.extensions.planner.rec_ids
     if not rec_ids:
         raise InvalidRequest("ids", "is required when PROFILE_REC_IDS is not configured")
@@ -141,7 +138,7 @@ def recommendations(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     v1, "/properties", summary="User properties", args=PropertiesArgs, response=schemas.PropertiesResponse,
     description="User and computed properties; with `keys`, exactly those keys (missing ones as null).",
 )  # fmt: skip
-def properties(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
+def properties(trace: RequestTrace, args: Mapping[str, Any]) -> Answer:
     keys = args.get("keys")
     lookup = _lookup(trace, trace.extensions.planner.profile(trace.subject))
     props = lookup.profile["properties"]
@@ -151,7 +148,7 @@ def properties(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
 
 
 @route(v1, "/properties/<name>", summary="One property", response=schemas.PropertyResponse)
-def property_value(trace: RequestTrace, args: Mapping[str, Any], name: str) -> Response:
+def property_value(trace: RequestTrace, args: Mapping[str, Any], name: str) -> Answer:
     """`value` is null when the user lacks it."""
     lookup = _lookup(trace, trace.extensions.planner.profile(trace.subject))
     value = lookup.profile["properties"].get(name)
@@ -159,7 +156,7 @@ def property_value(trace: RequestTrace, args: Mapping[str, Any], name: str) -> R
 
 
 @route(v1, "/cohorts", summary="Cohorts", response=schemas.CohortsResponse)
-def cohorts(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
+def cohorts(trace: RequestTrace, args: Mapping[str, Any]) -> Answer:
     """Ids of the tracked cohorts the user is in, from the user's profile."""
     who = trace.subject
     lookup = _lookup(trace, trace.extensions.planner.profile(who))
@@ -175,7 +172,7 @@ def cohorts(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
     "once they are authoritative; else from the user's profile. With `default`, failures become a 200 with "
     "`fallback: true`.",
 )  # fmt: skip
-def cohort_membership(trace: RequestTrace, args: Mapping[str, Any], cohort_id: str) -> Response:
+def cohort_membership(trace: RequestTrace, args: Mapping[str, Any], cohort_id: str) -> Answer:
     extensions = trace.extensions
     who = trace.subject
     body: dict[str, Any] = {who.id_field: who.value, "cohort_id": cohort_id}
@@ -184,7 +181,7 @@ def cohort_membership(trace: RequestTrace, args: Mapping[str, Any], cohort_id: s
         trace.cache = "webhook"
         age = max(0, int(extensions.clock.time()) - kept.as_of)
         headers = {"X-Cache": "HIT", "Age": str(age), "Cache-Control": "private, max-age=0"}
-        return json_response({**body, "member": kept.member, "source": "webhook", "as_of": kept.as_of}, headers=headers)
+        return Answer({**body, "member": kept.member, "source": "webhook", "as_of": kept.as_of}, headers)
     try:
         lookup = _lookup(trace, extensions.planner.profile(who))
     except FALLBACK_ERRORS as exc:
@@ -200,7 +197,7 @@ def cohort_membership(trace: RequestTrace, args: Mapping[str, Any], cohort_id: s
 @route(
     v1, "/predictions/<prediction_id>", summary="Prediction", args=PredictionArgs, response=schemas.PredictionResponse
 )
-def prediction(trace: RequestTrace, args: Mapping[str, Any], prediction_id: str) -> Response:
+def prediction(trace: RequestTrace, args: Mapping[str, Any], prediction_id: str) -> Answer:
     """A prediction's score or percentile."""
     planner = trace.extensions.planner
     propensity_type = args.get("type") or planner.propensity_type
@@ -216,7 +213,7 @@ def prediction(trace: RequestTrace, args: Mapping[str, Any], prediction_id: str)
 
 
 @route(v1, "", summary="Whole profile", response=schemas.ProfileResponse)
-def profile(trace: RequestTrace, args: Mapping[str, Any]) -> Response:
+def profile(trace: RequestTrace, args: Mapping[str, Any]) -> Answer:
     """Everything kept for the user, in one object."""
     planner = trace.extensions.planner
     lookup = _lookup(trace, planner.whole(trace.subject))
