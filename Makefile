@@ -39,11 +39,17 @@ run: install
 run-prod: install system-deps
 	./scripts/run-prod.sh
 
-# Four pytest workers (pytest-xdist): most tests wait on sockets and clocks, not the CPU,
-# and the minute-long budget soaks run beside the rest instead of after it.
+# Three steps. The minute-long soaks (marked slow: they pace a flood and mostly wait) each
+# run on a pytest worker of their own from the start, in a second pytest beside the rest
+# (three workers: most tests wait on sockets and clocks, not the CPU); their output follows
+# the rest's. Then the timing promises under heavy concurrency (marked serial), alone.
+SLOW_LOG := $(VENV)/slow-tests.log
 test: install system-deps
-	$(PY) -m pytest -n 4 --dist worksteal -m "not serial"
-	$(PY) -m pytest -m serial
+	@$(PY) -m pytest -p no:cacheprovider -n 6 -m "slow and not serial" > $(SLOW_LOG) 2>&1 & slow=$$!; \
+	  $(PY) -m pytest -p no:cacheprovider -n 3 --dist worksteal -m "not slow and not serial"; fast=$$?; \
+	  wait $$slow; slow_rc=$$?; echo "--- the slow tests:"; cat $(SLOW_LOG); \
+	  test $$fast -eq 0 && test $$slow_rc -eq 0
+	$(PY) -m pytest -p no:cacheprovider -m serial
 
 test-fast: install system-deps
 	$(PY) -m pytest -n 4 --dist worksteal -m "not slow and not serial"
