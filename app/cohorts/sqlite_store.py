@@ -42,7 +42,7 @@ from app.cohorts.store import (
     record_from,
 )
 from app.stores.shared import SharedUnavailable
-from app.stores.sqlite_calls import SqliteHandle
+from app.stores.sqlite_calls import SqliteHandle, transaction
 
 T = TypeVar("T")
 
@@ -273,14 +273,7 @@ class SqliteCohortStore:
 
 def _transaction(db: sqlite3.Connection, operation: Callable[[sqlite3.Connection, float], T], clock: Clock) -> T:
     """*operation* in a transaction of its own (rolled back if it fails: safe to try again)."""
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        result = operation(db, clock.time())
-        db.execute("COMMIT")
-    finally:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-    return result
+    return transaction(db, lambda db: operation(db, clock.time()))
 
 
 def _record(db: sqlite3.Connection, cohort_id: str) -> CohortRecord | None:

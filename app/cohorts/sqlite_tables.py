@@ -19,11 +19,11 @@ Tables:
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
 
 from app.clock import SYSTEM_CLOCK, Clock
+from app.stores.sqlite_calls import prepare_file, transaction
 
 #: Bumped when these tables change; a file holding another version is refused.
 COHORT_SCHEMA_VERSION = 1
@@ -61,36 +61,25 @@ def initialise_cohort_tables(path: str, clock: Clock = SYSTEM_CLOCK) -> None:
 
     :raises sqlite3.Error: the file cannot be created, opened or written, or holds another version.
     """
-    try:  # the pairs are personal data: readable by the service's user only
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise sqlite3.OperationalError(f"cannot create the file: {exc.strerror}") from None
-    db = connect(path, START_TIMEOUT_SECONDS)
+    db = prepare_file(path, connect, START_TIMEOUT_SECONDS)
     try:
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"journal mode {mode}, not WAL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _TABLES:
-                db.execute(statement)
-            row = db.execute("SELECT value FROM cohort_meta WHERE name = 'schema'").fetchone()
-            if row is None:
-                db.executemany(
-                    "INSERT INTO cohort_meta (name, value) VALUES (?, ?)",
-                    [("schema", COHORT_SCHEMA_VERSION), ("epoch", uuid.uuid4().hex), ("created_at", clock.time()),
-                     ("opened_at", None)],
-                )  # fmt: skip
-            elif row[0] != COHORT_SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"cohort tables of version {row[0]}, not {COHORT_SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        finally:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+        transaction(db, lambda db: _set_up(db, clock))
     finally:
         db.close()
+
+
+def _set_up(db: sqlite3.Connection, clock: Clock) -> None:
+    for statement in _TABLES:
+        db.execute(statement)
+    row = db.execute("SELECT value FROM cohort_meta WHERE name = 'schema'").fetchone()
+    if row is None:
+        db.executemany(
+            "INSERT INTO cohort_meta (name, value) VALUES (?, ?)",
+            [("schema", COHORT_SCHEMA_VERSION), ("epoch", uuid.uuid4().hex), ("created_at", clock.time()),
+             ("opened_at", None)],
+        )  # fmt: skip
+    elif row[0] != COHORT_SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"cohort tables of version {row[0]}, not {COHORT_SCHEMA_VERSION}")
 
 
 # -- the statements of app.cohorts.sqlite_store ---------------------------------------------

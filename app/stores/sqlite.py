@@ -47,6 +47,7 @@ from app.clock import SYSTEM_CLOCK, Clock, Deadline
 from app.stores.shared import AdmitReply, AdmitRequest, ClaimReply, SharedUnavailable
 from app.stores.sqlite_admission import admit
 from app.stores.sqlite_calls import SqliteHandle
+from app.stores.sqlite_calls import transaction as in_transaction
 from app.stores.sqlite_schema import connect, initialise
 
 log = logging.getLogger(__name__)
@@ -271,11 +272,4 @@ def _run_write(
     """The operation, in a transaction of its own when asked (rolled back if it fails: safe to try again)."""
     if not transaction:
         return operation(db, clock.time())
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        result = operation(db, clock.time())
-        db.execute("COMMIT")
-    finally:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-    return result
+    return in_transaction(db, lambda db: operation(db, clock.time()))

@@ -13,6 +13,7 @@ Under plain threads the call simply runs with its timeout.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
@@ -69,3 +70,39 @@ class SqliteHandle:
         if self._busy_ms != wait_ms:
             self.db.execute(f"PRAGMA busy_timeout = {wait_ms:d}")
             self._busy_ms = wait_ms
+
+
+def transaction(db: sqlite3.Connection, operation: Callable[[sqlite3.Connection], T]) -> T:
+    """*operation* in one ``BEGIN IMMEDIATE`` transaction, alone across the file's processes
+    (rolled back if it fails, so it is safe to try again)."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        result = operation(db)
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+    return result
+
+
+def prepare_file(path: str, connect: Callable[[str, float], sqlite3.Connection], timeout: float) -> sqlite3.Connection:
+    """Create *path* readable by the service's user only (it holds personal data), unless it
+    exists, open it and put it in WAL mode: the connection to set its tables up with.
+
+    :raises sqlite3.Error: the file cannot be created, opened, or put in WAL mode.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"cannot create the file: {exc.strerror}") from None
+    db = connect(path, timeout)
+    try:
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"journal mode {mode}, not WAL")
+    except BaseException:
+        db.close()
+        raise
+    return db

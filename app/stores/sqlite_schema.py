@@ -20,10 +20,10 @@ GIL, milliseconds in a busy process.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 
 from app.clock import SYSTEM_CLOCK, Clock
+from app.stores.sqlite_calls import prepare_file, transaction
 
 #: Bumped when the tables or stored operations change. A file of version 2 is brought up to
 #: date at start (what it holds stays valid); one of any other version is refused.
@@ -103,35 +103,24 @@ def initialise(path: str, clock: Clock = SYSTEM_CLOCK, history_known: bool = Fal
     """
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         raise sqlite3.NotSupportedError(f"SQLite {sqlite3.sqlite_version} is older than 3.35")
-    try:  # profiles are personal data: readable by the service's user only
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise sqlite3.OperationalError(f"cannot create the file: {exc.strerror}") from None
-    db = connect(path, START_TIMEOUT_SECONDS)
+    db = prepare_file(path, connect, START_TIMEOUT_SECONDS)
     try:
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"journal mode {mode}, not WAL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in (*_TABLES, *_OPERATIONS, *_VERSION_3, *_ADMITTED):
-                    db.execute(statement)
-                if not history_known:
-                    db.execute("INSERT INTO meta (name, value) VALUES ('since', NULL)")
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
-            elif version == 2:  # a file kept from the version before: its rows stay valid
-                for statement in (*_VERSION_3, *_ADMITTED):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
-            elif version != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"the file has schema version {version}, not {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        finally:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+        transaction(db, lambda db: _set_up(db, history_known))
     finally:
         db.close()
+
+
+def _set_up(db: sqlite3.Connection, history_known: bool) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:
+        for statement in (*_TABLES, *_OPERATIONS, *_VERSION_3, *_ADMITTED):
+            db.execute(statement)
+        if not history_known:
+            db.execute("INSERT INTO meta (name, value) VALUES ('since', NULL)")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+    elif version == 2:  # a file kept from the version before: its rows stay valid
+        for statement in (*_VERSION_3, *_ADMITTED):
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+    elif version != SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"the file has schema version {version}, not {SCHEMA_VERSION}")
