@@ -60,8 +60,8 @@ test-unit: install
 	$(PY) -m pytest tests/unit
 
 lint: install
-	$(VENV)/bin/ruff check app simulator testkit tests bench
-	$(VENV)/bin/ruff format --check app simulator testkit tests bench
+	$(VENV)/bin/ruff check app simulator testkit tests bench scripts gunicorn.conf.py
+	$(VENV)/bin/ruff format --check app simulator testkit tests bench scripts gunicorn.conf.py
 	$(VENV)/bin/mypy
 
 # bandit over app/ (no findings allowed) and pip-audit over the pinned runtime dependencies.

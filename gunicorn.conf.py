@@ -47,8 +47,11 @@ def available_cores() -> int:
     (a container's ``--cpus``, a Kubernetes CPU limit), which os.cpu_count() ignores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # cgroup v2 ("QUOTA PERIOD" or "max PERIOD"), else v1 (a quota of -1 is no limit).
-    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
-                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):  # fmt: skip
+    cgroup_limits = (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    )
+    for quota_file, period_file in cgroup_limits:
         try:
             with open(quota_file) as handle:
                 quota, *rest = handle.read().split()

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmark the service behind its nginx front on 127.0.0.1: first answers against bare "
-        "Flask, a stampede, the miss path, a Braze campaign, memory.",
+        "Flask, stampede bursts, the miss path, a Braze campaign, memory.",
     )
     p.add_argument("--quick", action="store_true", help="seconds per scenario, not minutes (indicative only)")
     p.add_argument("--only", type=_names(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
@@ -80,11 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeat-connections", type=int, help="wrk connections for the repeated-URL mix (64)")
     g.add_argument("--users", type=int, help="cached users of the repeated-URL mix (3000; quick 300)")
     g = p.add_argument_group("stampede")
-    g.add_argument("--stampede-hit-connections", type=int, help="connections asking for cached users (500)")
-    g.add_argument("--stampede-miss-connections", type=int, help="connections asking for cold users (500)")
+    g.add_argument(
+        "--stampede-hit-connections",
+        type=int,
+        help="requests of a burst asking for cached users, one connection each (500)",
+    )
+    g.add_argument(
+        "--stampede-miss-connections",
+        type=int,
+        help="requests of a burst asking for cold users, one connection each (500)",
+    )
     g.add_argument("--stampede-latency-ms", type=float, help="simulator latency (300)")
-    g.add_argument("--stampede-runs", type=int, help="baseline and stampede pairs (3; quick 1)")
-    g.add_argument("--stampede-duration", type=float, help="seconds per stampede run (5; quick 2)")
+    g.add_argument("--stampede-runs", type=int, help="rounds, each a baseline burst then a stampede burst (5; quick 1)")
+    g.add_argument("--stampede-pause", type=float, help="seconds after each burst, so it is over before the next (3)")
     g = p.add_argument_group("miss path")
     g.add_argument("--miss-connections", type=_ints, help="wrk connections for the miss path (1,16; quick 16)")
     g.add_argument("--miss-latency-ms", type=float, help="simulator latency (100)")
@@ -130,8 +138,11 @@ def options_from(args: argparse.Namespace) -> Options:
         opts.service_env = dict(args.service_env)
     if args.no_docs:
         opts.write_docs = False
-    if opts.runs < 1 or opts.duration < 1 or opts.stampede_runs < 1 or opts.stampede_duration < 1:
-        raise SystemExit("--runs, --duration, --stampede-runs and --stampede-duration must be at least 1")
+    if opts.runs < 1 or opts.duration < 1 or opts.stampede_runs < 1:
+        raise SystemExit("--runs, --duration and --stampede-runs must be at least 1")
+    if opts.stampede_hit_connections < 1 or opts.stampede_miss_connections < 1 or opts.stampede_pause < 0:
+        raise SystemExit("--stampede-hit-connections and --stampede-miss-connections must be at least 1, "
+                         "--stampede-pause at least 0")  # fmt: skip
     opts.campaign_tags = max(1, min(5, opts.campaign_tags))
     return opts
 

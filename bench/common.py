@@ -484,8 +484,6 @@ class WrkResult:
     statuses: dict[str, int] = field(default_factory=dict)
     #: Requests sent after a ``sequential`` list wrapped: URLs sent a second time.
     repeated: int = 0
-    #: Answers slower than ``slow_ms`` (estimated from the percentiles).
-    slow: int = 0
 
     @property
     def rps(self) -> float:
@@ -535,8 +533,6 @@ class WrkRun:
         threads: int = 2,
         timeout_s: float = BRAZE_TIMEOUT_S,
         statuses: bool = False,
-        slow_ms: float | None = None,
-        prefix: str | None = None,
         name: str = "wrk",
     ) -> None:
         """``timeout_s`` is wrk's per-request timeout (an answer slower counts as a timeout, not
@@ -547,10 +543,6 @@ class WrkRun:
         self.duration = max(1, round(duration))
         self.done_dir: Path | None = None
         env = {"BENCH_WRK_STATUSES": "1" if statuses else "0"}
-        if slow_ms is not None:
-            env["BENCH_WRK_SLOW_MS"] = str(slow_ms)
-        if prefix is not None:
-            env["BENCH_WRK_PREFIX"] = prefix
         if mode == "once":
             self.done_dir = Path(tempfile.mkdtemp(prefix="once-", dir=LOG_DIR))
             env["BENCH_WRK_DONE_DIR"] = str(self.done_dir)
@@ -612,7 +604,6 @@ class WrkRun:
                     latency_us={k: float(v) for k, v in data["latency"].items()},
                     statuses={k: int(v) for k, v in data.get("statuses", {}).items()},
                     repeated=int(data.get("repeated", 0)),
-                    slow=int(data.get("slow", 0)),
                 )
         raise BenchError(f"wrk gave no result (exit {self.proc.popen.returncode}):\n{output[-3000:]}")
 

@@ -33,8 +33,8 @@ class Options:
     stampede_hit_connections: int = 500
     stampede_miss_connections: int = 500
     stampede_latency_ms: float = 300.0
-    stampede_runs: int = 3
-    stampede_duration: float = 5.0
+    stampede_runs: int = 5
+    stampede_pause: float = 3.0  # seconds between bursts
     # miss path
     miss_connections: tuple[int, ...] = (1, 16)
     miss_latency_ms: float = 100.0
@@ -59,7 +59,6 @@ class Options:
             duration=2.0,
             users=300,
             stampede_runs=1,
-            stampede_duration=2.0,
             miss_connections=(16,),
             campaign_recipients=400,
             campaign_seconds=5.0,

@@ -1,4 +1,4 @@
-"""The benchmark harness still works: its quickest first-answers and stampede runs, end to end."""
+"""The benchmark harness still works: its quickest first-answers run and stampede round, end to end."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_quick_first_answers_and_stampede_run_and_report(tmp_path: Path) -> None
     argv = [
         sys.executable, "-m", "bench", "--quick", "--only", "first,stampede", "--worker-classes", "gevent",
         "--runs", "1", "--duration", "1", "--users", "60", "--connections", "16", "--repeat-connections", "16",
-        "--stampede-hit-connections", "16", "--stampede-miss-connections", "16", "--stampede-duration", "1",
+        "--stampede-hit-connections", "16", "--stampede-miss-connections", "16", "--stampede-pause", "1",
         "--stampede-latency-ms", "50", "--out-dir", str(tmp_path), "--json", str(results_file),
     ]  # fmt: skip
     completed = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150)
@@ -44,13 +44,20 @@ def test_quick_first_answers_and_stampede_run_and_report(tmp_path: Path) -> None
     assert first["service_worker_rss"]["after_first_answers"]
 
     stampede = results["scenarios"]["stampede"]["classes"]["gevent"]
-    # Each cold request was one Amplitude call at most; every answer was counted by status.
-    assert 0 < stampede["upstream_calls"] <= stampede["misses"]["requests"] + 16
+    # One round: a burst of 16 hits alone, then 16 other hits and 16 misses at once, every request accounted for...
     for side in ("baseline", "hits", "misses"):
-        assert sum(stampede[side]["by_status"].values()) > 0
+        row = stampede[side]
+        assert row["requests"] == 16
+        assert sum(row["by_status"].values()) + row["timeouts"] + row["socket_errors"] == 16
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    # ...and the simulator's count per burst: at most one call per cold user, none for the cached users.
+    assert len(stampede["upstream_calls_per_burst"]) == 1
+    assert 0 < stampede["upstream_calls_per_burst"][0] <= 16
+    assert stampede["baseline_upstream_calls"] == 0
 
     markdown = (tmp_path / "benchmarks.md").read_text()
     assert "## First answers" in markdown and "## Stampede" in markdown and "## Worker classes" in markdown
+    assert "| Stampede: upstream calls per burst (cold users in it) |" in markdown
     service_rows = [line for line in markdown.splitlines() if "| service | 16 |" in line]
     assert service_rows, markdown
     requests_per_second = float(service_rows[0].split("|")[4].split("(")[0].replace(",", ""))

@@ -1,95 +1,162 @@
-"""Stampede: 1,000 connections at once, half on cached users and half on cold ones.
+"""Stampede: bursts of 1,000 requests at once, half on cached users and half on cold ones.
 
 For each worker class (``--worker-classes``), the service runs as in *first answers*
 (production settings, behind its front, default workers), with the budget out of the
 way (``UPSTREAM_RATE_LIMIT_PER_MINUTE`` at its maximum, the simulator without a rate
-limit) and the simulator answering after ``--stampede-latency-ms`` (300 ms). Two wrk
-processes run at the same time, each counting answers by status:
+limit) and the simulator answering after ``--stampede-latency-ms`` (300 ms).
 
-- *hits*: ``--stampede-hit-connections`` (500), each request a URL never answered
-  before for a user cached beforehand (:class:`bench.traffic.UserPool`);
-- *misses*: ``--stampede-miss-connections`` (500), each request a user no request has
-  named before (wrk counts them up), so each is one Amplitude call.
+The issue's stampedes are bursts: many requests arriving at once, as a Braze send opens
+its connections at its start. Each round (``--stampede-runs``, 5; quick 1) is two
+bursts, ``--stampede-pause`` seconds apart (3) so the first is over before the second:
 
-Each run measures the hits twice, back to back: alone (*baseline*), then beside the
-misses (*stampede*). wrk's own timeout is 10 s, so an answer slower than Braze's 2 s
-is still seen (and counted) rather than cut off. Targets: no refusals (no answer but a
-2XX, no socket error, no timeout), every answer within 2 s, and the stampede's hit p99
-at most 3x the baseline's (median of the runs' ratios).
+- *baseline*: ``--stampede-hit-connections`` (500) requests alone, each a URL never
+  answered before for a user cached beforehand (:class:`bench.traffic.UserPool`);
+- *stampede*: as many other such hit requests, interleaved with
+  ``--stampede-miss-connections`` (500) requests each naming a user no request has named
+  before (one Amplitude call each).
+
+Every request has a connection of its own through the service's front, and all of a
+burst's are sent at once by one thread (:func:`testkit.burst.burst`); each latency runs
+from its request's sending to the last byte of its answer. Fresh users in every round.
+An answer not whole after 10 s counts as a timeout. Before the first round, one burst
+of as many hit requests as a stampede's, not measured, leaves the front's connections to
+gunicorn open as in a service that has been running.
+
+Targets: no refusals (no answer but a 2XX, no socket error, no timeout), every answer
+within 2 s, and the stampede's hit p99 at most 3x the baseline's (median of the rounds'
+ratios). The simulator's call count per burst shows one call per cold user.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench.common import (
     BRAZE_TIMEOUT_S,
+    CALLER_AUTH,
+    Server,
     Simulator,
-    WrkResult,
-    WrkRun,
     listen_overflows,
     log,
     median,
     paired_ratio,
+    percentile,
     raise_open_files_limit,
     start_server,
     start_simulator,
-    write_paths,
 )
 from bench.options import Options
-from bench.scenarios.first import FLOOR_RPS, class_env
-from bench.traffic import ROUTES, UserPool, urls_needed
+from bench.scenarios.first import class_env
+from bench.traffic import ROUTES, UserPool
+from testkit.burst import TIMEOUT, Answer, NoAnswer, burst
 
-#: wrk's per-request timeout here: well past Braze's 2 s, so slow answers are measured.
-WRK_TIMEOUT_S = 10.0
-#: After the misses stop: the ones still in flight finish (the service's deadline is 1.5 s).
-SETTLE_S = 2.0
-
-
-def _entry(result: WrkResult) -> dict[str, Any]:
-    return asdict(result) | {"rps": result.rps, "by_status": result.by_status()}
+#: How long the client waits for a burst's answers: well past Braze's 2 s, so slow answers are measured.
+BURST_TIMEOUT_S = 10.0
+SIDES = ("baseline", "hits", "misses")
 
 
-def _log(label: str, result: WrkResult) -> None:
-    log(
-        f"stampede: {label:<22} {result.rps:7.0f} req/s p50 {result.ms('p50'):7.1f} ms p99 {result.ms('p99'):7.1f} ms "
-        f"max {result.ms('max'):7.1f} ms statuses {result.by_status()} errors {result.errors} "
-        f"over 2 s {result.slow}"
-    )
+def measure(outcomes: Sequence[Answer | NoAnswer]) -> dict[str, Any]:
+    """One side of one burst: latency percentiles (ms), answers by status and X-Cache, what was refused.
 
-
-def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One side's runs: medians, the worst answer, and every answer counted by status."""
-    by_status: dict[str, int] = {}
-    for r in results:
-        for status, n in r["by_status"].items():
-            by_status[status] = by_status.get(status, 0) + n
-    answered = sum(by_status.values())
-    ok = sum(n for status, n in by_status.items() if status.startswith("2"))
+    A request given up at the timeout counts in the latencies at the time it was given up
+    (it took at least that); one whose connection failed counts only as refused.
+    """
+    answers = [o for o in outcomes if isinstance(o, Answer)]
+    missing = [o for o in outcomes if isinstance(o, NoAnswer)]
+    timeouts = [o for o in missing if o.reason == TIMEOUT]
+    latencies = [a.seconds * 1000 for a in answers] + [t.seconds * 1000 for t in timeouts]
+    refusals = [a for a in answers if not 200 <= a.status < 300]
     return {
-        "rps": median([r["rps"] for r in results]),
-        "p50_ms": median([r["latency_us"]["p50"] / 1000 for r in results]),
-        "p90_ms": median([r["latency_us"]["p90"] / 1000 for r in results]),
-        "p99_ms": median([r["latency_us"]["p99"] / 1000 for r in results]),
-        "max_ms": max(r["latency_us"]["max"] / 1000 for r in results),
-        "requests": sum(r["requests"] for r in results),
-        "by_status": by_status,
-        "refused": answered - ok,
-        "socket_errors": sum(r["errors"]["connect"] + r["errors"]["read"] + r["errors"]["write"] for r in results),
-        "timeouts": sum(r["errors"]["timeout"] for r in results),
-        "over_2s": sum(r["slow"] for r in results),
-        "repeated": sum(r.get("repeated", 0) for r in results),
+        "requests": len(outcomes),
+        "p50_ms": percentile(latencies, 50),
+        "p90_ms": percentile(latencies, 90),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies, default=math.nan),
+        "by_status": dict(sorted(Counter(str(a.status) for a in answers).items())),
+        "by_cache": dict(sorted(Counter(a.headers.get("x-cache", "-") for a in answers).items())),
+        # What each refusal said: status and the JSON error code (the service's or the front's).
+        "refusals": dict(sorted(Counter(f"{a.status} {_error_code(a)}" for a in refusals).items())),
+        "non_2xx": len(refusals),
+        "timeouts": len(timeouts),
+        "socket_errors": len(missing) - len(timeouts),
+        "errors": dict(Counter(o.reason for o in missing)),
+        "refused": len(refusals) + len(missing),
+        "over_2s": sum(a.seconds > BRAZE_TIMEOUT_S for a in answers),
     }
+
+
+def _error_code(answer: Answer) -> str:
+    body = answer.body
+    return str(body.get("error", "-")) if isinstance(body, dict) else "-"
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side over the rounds: median percentiles, the slowest answer, every count summed."""
+
+    def total(key: str) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for r in rounds:
+            counts.update(r[key])
+        return dict(sorted(counts.items()))
+
+    summary: dict[str, Any] = {key: median([r[key] for r in rounds]) for key in ("p50_ms", "p90_ms", "p99_ms")}
+    summary["max_ms"] = max(r["max_ms"] for r in rounds)
+    for key in ("requests", "non_2xx", "timeouts", "socket_errors", "refused", "over_2s"):
+        summary[key] = sum(r[key] for r in rounds)
+    for key in ("by_status", "by_cache", "refusals", "errors"):
+        summary[key] = total(key)
+    return summary
+
+
+def interleave(hits: Sequence[str], misses: Sequence[str]) -> list[tuple[str, str]]:
+    """Both lists as one, ``(side, path)``, each side spread evenly over it (hit, miss, hit...)."""
+    placed = [((n + 0.5) / len(paths), side, path) for side, paths in (("hits", hits), ("misses", misses))
+              for n, path in enumerate(paths)]  # fmt: skip
+    return [(side, path) for _, side, path in sorted(placed, key=lambda entry: entry[0])]
+
+
+def cold_paths(prefix: str, count: int) -> list[str]:
+    """*count* requests, each naming a user no request has named before, over the route mix in turn."""
+    templates = list(ROUTES.values())
+    return [templates[n % len(templates)].format(u=f"{prefix}{n}") for n in range(count)]
+
+
+def _send(service: Server, paths: Sequence[str]) -> tuple[list[Answer | NoAnswer], dict[str, float]]:
+    """One burst through the front: every outcome in order; how long the connecting, the writing and all took."""
+    port = urlsplit(service.url).port or 80
+    started = time.monotonic()
+    outcomes = burst(
+        [(port, path) for path in paths], {"Authorization": CALLER_AUTH}, BURST_TIMEOUT_S, missing="report"
+    )
+    sent = [o.sent_at for o in outcomes if o.sent_at]
+    return outcomes, {
+        "seconds": time.monotonic() - started,
+        # From the start to the first request written: opening every connection.
+        "connect_ms": ((min(sent) if sent else started) - started) * 1000,
+        # From the first request written to the last: how "at once" the burst was.
+        "send_spread_ms": (max(sent) - min(sent)) * 1000 if sent else math.nan,
+    }
+
+
+def _log(label: str, side: dict[str, Any]) -> None:
+    log(
+        f"stampede: {label:<28} {side['requests']:5} requests p50 {side['p50_ms']:7.1f} ms "
+        f"p99 {side['p99_ms']:7.1f} ms max {side['max_ms']:7.1f} ms statuses {side['by_status']} "
+        f"cache {side['by_cache']} refusals {side['refusals']} no answer {side['errors']} over 2 s {side['over_2s']}"
+    )
 
 
 def run_class(opts: Options, sim: Simulator, worker_class: str) -> dict[str, Any]:
     started = time.monotonic()
-    hit_conns, miss_conns = opts.stampede_hit_connections, opts.stampede_miss_connections
-    total = hit_conns + miss_conns
-    # wrk, nginx and gunicorn each hold a descriptor per connection (nginx two): not what is measured.
+    hit_count, miss_count = opts.stampede_hit_connections, opts.stampede_miss_connections
+    total = hit_count + miss_count
+    # This client, nginx and gunicorn each hold a descriptor per connection (nginx two): not what is measured.
     open_files = raise_open_files_limit(8 * total + 1024)
     env = class_env(opts, sim, worker_class, CACHE_TTL_SECONDS="3600")
     sim.configure(latency_ms=0)
@@ -98,65 +165,56 @@ def run_class(opts: Options, sim: Simulator, worker_class: str) -> dict[str, Any
         f"stampede: {worker_class}: the service runs {service.config.shape}, "
         f"{service.config.worker_connections} connections per worker ({service.config.worker_class})"
     )
-    templates = write_paths(ROUTES.values(), "stampede-templates.txt")
-    baseline: list[dict[str, Any]] = []
-    stampede: list[dict[str, Any]] = []
-    misses: list[dict[str, Any]] = []
-    upstream_calls: list[int] = []
+    rounds: list[dict[str, Any]] = []
     overflows = 0
     try:
-        fallback = FLOOR_RPS
+        # Every hit URL of the scenario, its users warmed now (one block): the warm-up burst's, then each round's two.
+        wanted = total + 2 * hit_count * opts.stampede_runs
         pool = UserPool(
-            service,
-            sim,
-            f"st-{worker_class}",
-            block=max(500, int(fallback * opts.stampede_duration)),
-            wrk_threads=opts.wrk_threads,
+            service, sim, f"st-{worker_class}", block=math.ceil(wanted / len(ROUTES)), wrk_threads=opts.wrk_threads
         )
-        # Not measured: the hits' connections opened, and how fast they go (the URL lists' size).
-        warmup = WrkRun(
-            service.url,
-            write_paths(pool.take(int(fallback * 2)), f"stampede-warmup-{worker_class}.txt"),
-            hit_conns,
-            1,
-            mode="sequential",
-            threads=opts.wrk_threads,
-        ).result()
-        fallback = max(fallback, warmup.rps)
+        warmup_paths = pool.take(total)
+        round_paths = [(pool.take(hit_count), pool.take(hit_count)) for _ in range(opts.stampede_runs)]
+        # Not measured: the front's connections to gunicorn opened, the code paths run once.
+        warmup, _ = _send(service, warmup_paths)
+        _log(f"{worker_class} warm-up burst", measure(warmup))
+        time.sleep(opts.stampede_pause)
+        service.check_alive()
         sim.configure(latency_ms=opts.stampede_latency_ms)
 
-        def counted(paths: Path, conns: int, mode: str, name: str, prefix: str | None = None) -> WrkRun:
-            """wrk for the stampede: every answer counted by status, and those slower than Braze's 2 s."""
-            return WrkRun(service.url, paths, conns, opts.stampede_duration, mode=mode, threads=opts.wrk_threads,
-                          timeout_s=WRK_TIMEOUT_S, statuses=True, slow_ms=BRAZE_TIMEOUT_S * 1000, prefix=prefix,
-                          name=name)  # fmt: skip
-
-        for attempt in range(opts.stampede_runs):
-            wanted = urls_needed(baseline, fallback, opts.stampede_duration)
-            alone_file = write_paths(pool.take(wanted), f"stampede-alone-{worker_class}-r{attempt}.txt")
-            alone = counted(alone_file, hit_conns, "sequential", "wrk-hits").result()
-            service.check_alive()
-            baseline.append(_entry(alone))
-            _log(f"{worker_class} hits alone", alone)
-
-            hits_file = write_paths(pool.take(wanted), f"stampede-hits-{worker_class}-r{attempt}.txt")
+        def measured(paths: Sequence[str]) -> tuple[list[Answer | NoAnswer], dict[str, Any]]:
+            """One burst, then the pause: its outcomes, its timing and the upstream calls it made."""
+            nonlocal overflows
             calls_before, overflows_before = sim.calls(), listen_overflows()
-            # Both at once: the misses first, so the hits meet them from their first request.
-            cold = counted(templates, miss_conns, "fresh", "wrk-misses", prefix=f"cold-{worker_class}-r{attempt}-")
-            hot = counted(hits_file, hit_conns, "sequential", "wrk-hits")
-            hits, cold_result = hot.result(), cold.result()
-            time.sleep(SETTLE_S)
-            upstream_calls.append(sim.calls() - calls_before)
+            outcomes, timing = _send(service, paths)
+            time.sleep(opts.stampede_pause)  # the burst's last upstream calls and writes are over
             overflows += listen_overflows() - overflows_before
             service.check_alive()
-            stampede.append(_entry(hits))
-            misses.append(_entry(cold_result))
-            _log(f"{worker_class} hits in stampede", hits)
-            _log(f"{worker_class} misses in stampede", cold_result)
+            return outcomes, timing | {"upstream_calls": sim.calls() - calls_before}
+
+        for attempt, (alone_paths, hit_paths) in enumerate(round_paths):
+            outcomes, baseline_burst = measured(alone_paths)
+            entry: dict[str, Any] = {"baseline": measure(outcomes)}
+            _log(f"{worker_class} r{attempt + 1} hits alone", entry["baseline"])
+
+            misses = cold_paths(f"cold-{worker_class}-r{attempt}-", miss_count)
+            mixed = interleave(hit_paths, misses)
+            outcomes, stampede_burst = measured([path for _, path in mixed])
+            for side in ("hits", "misses"):
+                entry[side] = measure([o for (s, _), o in zip(mixed, outcomes, strict=True) if s == side])
+                _log(f"{worker_class} r{attempt + 1} {side} in stampede", entry[side])
+            log(
+                f"stampede: {worker_class} r{attempt + 1}: {stampede_burst['upstream_calls']} upstream calls for "
+                f"{miss_count} cold users ({baseline_burst['upstream_calls']} in the baseline burst); connections "
+                f"opened in {stampede_burst['connect_ms']:.0f} ms, requests written within "
+                f"{stampede_burst['send_spread_ms']:.0f} ms"
+            )
+            rounds.append(entry | {"baseline_burst": baseline_burst, "stampede_burst": stampede_burst})
         limit_errors = service.limit_errors()
     finally:
         service.stop()
         sim.configure(latency_ms=0)
+    bursts = [r[name] for r in rounds for name in ("baseline_burst", "stampede_burst")]
     return {
         "worker_class": service.config.worker_class,
         "kind": service.config.kind,
@@ -168,14 +226,19 @@ def run_class(opts: Options, sim: Simulator, worker_class: str) -> dict[str, Any
         # Limits that must not be what is measured: any count here says one of them was reached.
         "listen_overflows": overflows,
         "limit_errors": limit_errors[:5],
-        "baseline": summarise(baseline),
-        "hits": summarise(stampede),
-        "misses": summarise(misses),
-        "hit_p99_ratio": paired_ratio(
-            [r["latency_us"]["p99"] for r in stampede], [r["latency_us"]["p99"] for r in baseline]
-        ),
-        "upstream_calls": sum(upstream_calls),
-        "runs": {"baseline": baseline, "hits": stampede, "misses": misses},
+        **{side: summarise([r[side] for r in rounds]) for side in SIDES},
+        "hit_p99_ratio": paired_ratio([r["hits"]["p99_ms"] for r in rounds], [r["baseline"]["p99_ms"] for r in rounds]),
+        "hit_p99_ratios": [
+            r["hits"]["p99_ms"] / r["baseline"]["p99_ms"] if r["baseline"]["p99_ms"] else math.nan for r in rounds
+        ],  # fmt: skip
+        # Per stampede burst: one call per cold user is the promise; the baseline bursts' should be none.
+        "upstream_calls_per_burst": [r["stampede_burst"]["upstream_calls"] for r in rounds],
+        "baseline_upstream_calls": sum(r["baseline_burst"]["upstream_calls"] for r in rounds),
+        "cached_users": pool.users,
+        # The client's side, its slowest burst: opening every connection, then writing every request.
+        "connect_ms": max(b["connect_ms"] for b in bursts),
+        "send_spread_ms": max(b["send_spread_ms"] for b in bursts),
+        "runs": rounds,
         "seconds": time.monotonic() - started,
     }
 
@@ -190,11 +253,13 @@ def run(opts: Options) -> dict[str, Any]:
     finally:
         sim.proc.stop()
     return {
+        "shape": "burst",
         "classes": classes,
         "hit_connections": opts.stampede_hit_connections,
         "miss_connections": opts.stampede_miss_connections,
         "latency_ms": opts.stampede_latency_ms,
-        "duration": opts.stampede_duration,
+        "pause_s": opts.stampede_pause,
+        "timeout_s": BURST_TIMEOUT_S,
         "run_count": opts.stampede_runs,
         "seconds": time.monotonic() - started,
     }

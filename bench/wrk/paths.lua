@@ -9,15 +9,11 @@
 -- MODE "once": as sequential, but each line is sent once: a thread whose lines are all
 -- sent holds its connections idle, and writes BENCH_WRK_DONE_DIR/<thread> once every one
 -- of them is answered (the harness then stops wrk with SIGINT).
--- MODE "fresh": every request names a new user, from a counter: the file's lines are
--- templates with "{u}", filled in turn with BENCH_WRK_PREFIX .. N (N never repeats).
 --
 -- Environment (read at the top level, where wrk decides which callbacks exist):
 --   BENCH_WRK_STATUSES=1  count answers by status and X-Cache (a response() callback,
 --                         which costs wrk some time per answer); "once" always counts.
---   BENCH_WRK_SLOW_MS=N   also estimate how many answers took longer than N ms.
 --   BENCH_WRK_DONE_DIR    "once" mode (required there).
---   BENCH_WRK_PREFIX      "fresh" mode: the user id prefix.
 --
 -- done() prints one line "BENCH_JSON {...}" with the totals, errors, latency percentiles
 -- (microseconds), answers by status and the repeated count, which the harness parses.
@@ -26,7 +22,6 @@ local counter = 0
 local threads = {}
 local done_dir = os.getenv("BENCH_WRK_DONE_DIR")
 local count_statuses = os.getenv("BENCH_WRK_STATUSES") == "1" or done_dir ~= nil
-local slow_ms = tonumber(os.getenv("BENCH_WRK_SLOW_MS") or "")
 
 function setup(thread)
    thread:set("tid", counter)
@@ -40,19 +35,14 @@ function init(args)
    if args[4] and args[5] then
       wrk.headers[args[4]] = args[5]
    end
-   lines = {}
    reqs = {}
    local f = assert(io.open(file, "r"))
    local n = 0
    for line in f:lines() do
       if line ~= "" then
          n = n + 1
-         if mode == "fresh" then
-            lines[n] = line
-         else
-            -- Pre-formatted requests: the per-request work in wrk stays a table lookup.
-            reqs[n] = wrk.format("GET", line)
-         end
+         -- Pre-formatted requests: the per-request work in wrk stays a table lookup.
+         reqs[n] = wrk.format("GET", line)
       end
    end
    f:close()
@@ -72,18 +62,12 @@ function init(args)
    if mode == "once" and mine == 0 and done_dir then
       assert(io.open(done_dir .. "/" .. tostring(tid), "w")):close()
    end
-   prefix = os.getenv("BENCH_WRK_PREFIX") or "fresh-"
    math.randomseed(os.time() * 1000 + (tid or 0) * 7919)
 end
 
 function request()
    if mode == "random" then
       return reqs[math.random(count)]
-   elseif mode == "fresh" then
-      local n = pos
-      pos = pos + stride
-      local path = string.gsub(lines[((n - 1) % count) + 1], "{u}", prefix .. n)
-      return wrk.format("GET", path)
    elseif mode == "once" then
       return reqs[table.remove(reserved) or count]
    end
@@ -127,24 +111,6 @@ if count_statuses then
    end
 end
 
-local function slow_count(summary, latency)
-   -- The share of answers slower than slow_ms, from the percentiles (a binary search).
-   local limit = slow_ms * 1000
-   if latency.max <= limit then
-      return 0
-   end
-   local low, high = 0.0, 100.0
-   for _ = 1, 30 do
-      local mid = (low + high) / 2
-      if latency:percentile(mid) <= limit then
-         low = mid
-      else
-         high = mid
-      end
-   end
-   return math.floor(summary.requests * (100 - low) / 100 + 0.5)
-end
-
 function done(summary, latency, requests)
    local e = summary.errors
    local parts = {}
@@ -163,10 +129,10 @@ function done(summary, latency, requests)
       'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
       '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
       '"latency":{"p50":%d,"p75":%d,"p90":%d,"p99":%d,"p999":%d,"max":%d,"mean":%.1f},' ..
-      '"statuses":{%s},"repeated":%d,"slow":%d}\n',
+      '"statuses":{%s},"repeated":%d}\n',
       summary.requests, summary.duration, summary.bytes,
       e.connect, e.read, e.write, e.status, e.timeout,
       latency:percentile(50), latency:percentile(75), latency:percentile(90),
       latency:percentile(99), latency:percentile(99.9), latency.max, latency.mean,
-      table.concat(by_status, ","), total_repeated, slow_ms and slow_count(summary, latency) or 0))
+      table.concat(by_status, ","), total_repeated))
 end
