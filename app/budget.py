@@ -258,7 +258,7 @@ class UpstreamBudget:
             return self._acquire_local(self._local, max_wait, bulk)
         wait = self._acquire_shared(max_wait, bulk)
         if wait is None and self.machine is not None:
-            wait = self._acquire_machine(max_wait, bulk)
+            wait = self._acquire_machine(self.machine, max_wait, bulk)
         if wait is None:
             wait = self._acquire_local(self._fallback_window(), max_wait, bulk)
         return wait
@@ -364,11 +364,9 @@ class UpstreamBudget:
 
     # -- the machine's file, while Redis is away (see app.machine) ---------------------------
 
-    def _acquire_machine(self, max_wait: float, bulk: bool) -> float | None:
+    def _acquire_machine(self, machine: MachineLog, max_wait: float, bulk: bool) -> float | None:
         """A slot from the machine's file under its episode; None when there is no episode to
         admit under (the fallback share applies)."""
-        machine = self.machine
-        assert machine is not None
         entered = machine.enter(self._alone)
         if entered is None:
             raise Settling(SETTLE_SECONDS)  # a hand-back to Redis is under way
@@ -382,7 +380,8 @@ class UpstreamBudget:
         self._used = reply.used
         if reply.granted == ENDED:  # back on Redis: ask it now, not after the pause
             machine.ended()
-            self.shared.retry_now()  # type: ignore[union-attr]
+            if self.shared is not None:
+                self.shared.retry_now()
             raise Settling(SETTLE_SECONDS)
         if reply.granted == BACKING_OFF:
             self._backoff_until = max(self._backoff_until, self._now() + reply.wait)
@@ -391,10 +390,8 @@ class UpstreamBudget:
         self._remember(self._now() + reply.wait, grant_id)
         return reply.wait
 
-    def _settle_machine(self, reached: bool) -> None:
+    def _settle_machine(self, machine: MachineLog, reached: bool) -> None:
         """After a heartbeat: keep counted in the machine's file, and follow Redis's state."""
-        machine = self.machine
-        assert machine is not None
         if reached:
             machine.beat(self._request(0.0, False, True, "", carried=self._used))
             machine.settle(self.window, self._merge_back, self._clock.time())
@@ -404,11 +401,13 @@ class UpstreamBudget:
 
     def _merge_back(self, grants: list[tuple[str, float]]) -> bool:
         """Write *grants* (id, seconds before now) into the shared log; whether it took them all."""
-        assert self.shared is not None
+        shared = self.shared
+        if shared is None:
+            return False
         try:
             for start in range(0, max(1, len(grants)), MERGE_BATCH):
                 batch = tuple(grants[start : start + MERGE_BATCH])
-                self.shared.admit(self._request(0.0, False, True, "", merges=batch))
+                shared.admit(self._request(0.0, False, True, "", merges=batch))
         except SharedUnavailable:
             return False
         return True
@@ -446,7 +445,7 @@ class UpstreamBudget:
         this every few seconds)."""
         reached = self._run_shared(0.0, False, heartbeat_only=True) is not None
         if self.machine is not None:
-            self._settle_machine(reached)
+            self._settle_machine(self.machine, reached)
 
     def _beat(self) -> None:
         while not self._closed.wait(HEARTBEAT_TIMEOUT_SECONDS / 3):

@@ -103,9 +103,8 @@ class CohortMembership:
         except SharedUnavailable as exc:
             log.warning("cohort store unavailable (%s): membership answered by other means", exc)
             return None
-        if not rules.verdict(record, self._clock.time(), self.settings.settle_seconds).authoritative:
+        if record is None or not rules.verdict(record, self._clock.time(), self.settings.settle_seconds).authoritative:
             return None
-        assert record is not None  # an authoritative cohort has a record
         as_of = record.last_computed_time or record.sync_time or 0
         return CohortAnswer(found.pair is not None and found.pair.member, as_of)
 

@@ -55,8 +55,6 @@ MAX_READERS = 10
 #: nothing (a greenlet, or a thread that is waiting anyway), and an answer missed here costs
 #: a Profile API call.
 READ_WAIT_SECONDS = 1.0
-#: Users looked up per statement when a batch is applied.
-_CHUNK = 500
 #: Pairs of an older generation deleted per transaction after an arming, and at most how many rounds.
 _PURGE_ROWS, _PURGE_ROUNDS = 5000, 1000
 
@@ -231,7 +229,8 @@ class SqliteCohortStore:
         def open_epoch(db: sqlite3.Connection, now: float) -> Epoch:
             db.execute("UPDATE cohort_meta SET value = ? WHERE name = 'opened_at' AND value IS NULL", (now,))
             epoch = _epoch(db)
-            assert epoch is not None  # created with the tables
+            if epoch is None:  # the tables are created with it: a file changed under us
+                raise sqlite3.DatabaseError("the cohort store's epoch is missing")
             return epoch
 
         return self._write(open_epoch)
@@ -289,16 +288,13 @@ def _put(db: sqlite3.Connection, record: CohortRecord) -> None:
 
 
 def _held(db: sqlite3.Connection, cohort_id: str, generation: int, user_ids: Sequence[str]) -> dict[str, Pair]:
-    held: dict[str, Pair] = {}
-    for start in range(0, len(user_ids), _CHUNK):
-        chunk = user_ids[start : start + _CHUNK]
-        rows = db.execute(
-            "SELECT user_id, member, computed_time FROM cohort_members WHERE cohort_id = ? AND generation = ?"
-            f" AND user_id IN ({', '.join('?' * len(chunk))})",
-            (cohort_id, generation, *chunk),
-        )
-        held.update((user_id, Pair(bool(member), int(ct))) for user_id, member, ct in rows)
-    return held
+    # The ids travel as one JSON array parameter, so the statement's text never depends on them.
+    rows = db.execute(
+        "SELECT user_id, member, computed_time FROM cohort_members WHERE cohort_id = ? AND generation = ?"
+        " AND user_id IN (SELECT value FROM json_each(?))",
+        (cohort_id, generation, orjson.dumps(list(user_ids)).decode()),
+    )
+    return {user_id: Pair(bool(member), int(ct)) for user_id, member, ct in rows}
 
 
 def _epoch(db: sqlite3.Connection) -> Epoch | None:
