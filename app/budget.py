@@ -104,7 +104,7 @@ from app.clock import SYSTEM_CLOCK, Clock
 from app.core.window import PACE_SLACK_SECONDS, SlidingWindow
 from app.errors import RateLimited
 from app.machine import MachineLog
-from app.stores.shared import BACKING_OFF, ENDED, GRANTED, AdmitRequest, SharedTier, SharedUnavailable
+from app.stores.shared import BACKING_OFF, ENDED, GRANTED, AdmitRequest, SharedBusy, SharedTier, SharedUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,8 @@ class UpstreamBudget:
                                 remembered_fleet=remembered_fleet, merges=merges)  # fmt: skip
         try:
             reply = self.shared.admit(request)
+        except SharedBusy:
+            return None  # contended: this attempt did not happen, and the log lost nothing
         except SharedUnavailable:
             with self._lock:
                 self._remerge = True

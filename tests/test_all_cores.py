@@ -118,4 +118,4 @@ def test_several_workers_without_redis_never_exceed_the_limit(gunicorn_service, 
     # The master's new log ramps up over its first window; by now each freed slot is reused,
     # whichever worker asks.
     assert calls_in_last(sim, 60.0) >= 50, calls_in_last(sim, 60.0)
-    assert {status for status, _ in answers} == {200}  # real or default, never an error
+    assert {status for status, _ in answers} == {200}, [a for a in answers if a[0] != 200][:5]  # real or default

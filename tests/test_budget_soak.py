@@ -53,7 +53,8 @@ def flood(urls: list[str], seconds: float, per_second: float, prefix: str) -> li
                     response = session.get(url, headers={"Authorization": f"Bearer {BRAZE_KEY}"}, timeout=5)
                     answer = (response.status_code, {**response.json(), "_s": time.monotonic() - sent})
                 except requests.RequestException as exc:
-                    answer = (0, {"error": type(exc).__name__})
+                    failed = {"error": type(exc).__name__, "detail": str(exc)[:200], "n": n}
+                    answer = (0, {**failed, "_s": time.monotonic() - sent})
                 with lock:
                     answers.append(answer)
 
@@ -87,7 +88,7 @@ def test_one_caller_uses_the_whole_limit_and_never_more(gunicorn_service, sim):
     assert sim.count_by_status().get(429, 0) == 0
     assert sim.max_in_window(60.0) <= 120
     assert calls_in_last(sim, 60.0) >= 118
-    assert {status for status, _ in answers} == {200}  # real or default, never an error
+    assert {status for status, _ in answers} == {200}, [a for a in answers if a[0] != 200][:5]  # real or default
     assert max(body["_s"] for _, body in answers) < BRAZE_TIMEOUT
     assert max(service_durations(service)) < 1600  # the service's own account of each answer
 

@@ -25,6 +25,11 @@ class SharedUnavailable(Exception):
     """The shared tier could not answer in time; callers carry on with local state."""
 
 
+class SharedBusy(SharedUnavailable):
+    """The tier is there but stayed busy past the wait (other processes were writing): this
+    operation did not happen, nothing is lost, and the tier is not taken for down."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimReply:
     """A claim taken (with what was stored at that moment), or the holder's token."""

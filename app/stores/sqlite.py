@@ -23,12 +23,16 @@ What Redis gives the Redis tier, this gives the processes of one machine:
   (stricter); the file never holds monotonic times, which restart at boot.
 - **Bounded waits.** An operation waits at most ``timeout`` for the file's lock
   (``busy_timeout``: a third of the request deadline), and a read never past the
-  request's own deadline. Only upstream flights write, never a request thread: a request
-  waits for its flight only until its deadline, so a write queued behind this process's
-  other writers (for at most three times ``timeout``) holds up no answer. A busy,
-  missing or broken file raises :class:`SharedUnavailable` and is left alone for a
+  request's own deadline; a live admission waits as long as its request may wait for a
+  slot (``max_wait``), since waiting for the lock is waiting for the slot. Only upstream
+  flights write, never a request thread: a request waits for its flight only until its
+  deadline, so a write queued behind this process's other writers holds up no answer. A
+  missing or broken file, or one whose lock stays held, raises :class:`SharedUnavailable` and is left alone for a
   second, as an unreachable Redis is: the caller carries on with its local cache and
-  budget share.
+  budget share. A file that is only contended (its lock held past the wait by other
+  writers, on a machine too busy to schedule them, while this process wrote to it in the
+  last ``CONTENDED_GRACE_SECONDS``) fails that one operation (:class:`SharedBusy`) and
+  stays in use: taking it for down would turn away every new user for a second.
 
 Expired rows are deleted a few at a time by each publish, so the file holds what Redis
 would: every answer until its stale-if-error horizon ends.
@@ -40,13 +44,14 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 from app.blocking import offload
 from app.clock import SYSTEM_CLOCK, Clock, Deadline
-from app.stores.shared import AdmitReply, AdmitRequest, ClaimReply, SharedUnavailable
+from app.stores.shared import AdmitReply, AdmitRequest, ClaimReply, SharedBusy, SharedUnavailable
 from app.stores.sqlite_admission import admit
-from app.stores.sqlite_calls import SqliteHandle
+from app.stores.sqlite_calls import SqliteHandle, contended
 from app.stores.sqlite_calls import transaction as in_transaction
 from app.stores.sqlite_schema import connect, initialise
 
@@ -59,6 +64,10 @@ T = TypeVar("T")
 TIMEOUT_SECONDS = 0.5
 #: After a failure, how long to serve without the file before trying it again.
 RETRY_AFTER_FAILURE_SECONDS = 1.0
+#: A lock held past the wait is contention, not a fault, if this process wrote to the file
+#: this recently (its heartbeat writes every 1.7 s): a lock that stays stuck is taken for
+#: down within this time of the last write that went through.
+CONTENDED_GRACE_SECONDS = 5.0
 
 #: Keys one read statement looks up (every read of the stores asks for two or four).
 _GET_KEYS = 4
@@ -94,6 +103,7 @@ class SqliteShared:
         self._connections: list[SqliteHandle] = []
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._last_write = float("-inf")
         self._healthy = True
         self._closed = False
         self.last_error: str | None = None
@@ -169,28 +179,40 @@ class SqliteShared:
         self._succeeded()
         return result
 
-    def _write(self, operation: Callable[[sqlite3.Connection, float], T], transaction: bool = True) -> T:
+    def _write(
+        self, operation: Callable[[sqlite3.Connection, float], T], transaction: bool = True, wait: float = 0.0
+    ) -> T:
         """Run *operation* on this process's one writing connection: in one ``BEGIN
         IMMEDIATE`` transaction, alone across processes, or (``transaction=False``) as the
-        one statement it is, which is a transaction of its own."""
+        one statement it is, which is a transaction of its own. It waits for the file's
+        lock for ``timeout``, or *wait* if longer."""
         self._check()
-        if not self._writing.acquire(timeout=3 * self.timeout):
-            raise self._failed(TimeoutError("this process's writes are queued past the timeout"))
+        wait = max(wait, self.timeout)
+        if not self._writing.acquire(timeout=wait + 2 * self.timeout):
+            raise self._busy(TimeoutError("this process's writes are queued past the timeout"))
         try:
             self._check()  # the writer before this one may have found the file broken
             writer = self._writer
             if writer is None:
                 writer = self._writer = self._open()
             clock = self._clock
-            result = writer.run(lambda db: _run_write(db, operation, transaction, clock), int(self.timeout * 1000))
+            result = writer.run(lambda db: _run_write(db, operation, transaction, clock), int(wait * 1000))
         except sqlite3.Error as exc:
-            self.writes_ok = False
-            raise self._failed(exc) from None
+            raise (self._busy(exc) if contended(exc) else self._failed(exc)) from None
         finally:
             self._writing.release()
         self.writes_ok = True
+        self._last_write = self._now()
         self._succeeded()
         return result
+
+    def _busy(self, exc: BaseException) -> SharedUnavailable:
+        """The lock was held past the wait: contention while this process's writes go through
+        lately (:class:`SharedBusy`: the file stays in use), else a fault."""
+        self.writes_ok = False
+        if self._now() - self._last_write < CONTENDED_GRACE_SECONDS:
+            return SharedBusy(f"shared state file busy: {exc}")
+        return self._failed(exc)
 
     # -- the operations ------------------------------------------------------------------
 
@@ -236,7 +258,16 @@ class SqliteShared:
         )
 
     def admit(self, request: AdmitRequest) -> AdmitReply:
-        return self._write(lambda db, now: admit(db, request, now))
+        asked = self._now()
+
+        def decide(db: sqlite3.Connection, now: float) -> AdmitReply:
+            # Time spent waiting for the lock was spent waiting for the slot.
+            spent = self._now() - asked
+            if spent > 0:
+                return admit(db, replace(request, max_wait=max(0.0, request.max_wait - spent)), now)
+            return admit(db, request, now)
+
+        return self._write(decide, wait=request.max_wait)
 
     def leave_fleet(self, process_id: str) -> None:
         self._write(lambda db, now: db.execute("DELETE FROM fleet WHERE member = ?", (process_id,)), False)

@@ -26,6 +26,11 @@ T = TypeVar("T")
 _CONTENDED = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 
+def contended(exc: sqlite3.Error) -> bool:
+    """Whether *exc* says only that other connections held the file's lock past the wait."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _CONTENDED
+
+
 class SqliteHandle:
     """One connection and the busy timeout it is set to; used by one caller at a time."""
 
@@ -51,7 +56,7 @@ class SqliteHandle:
         try:
             return call(self.db)
         except sqlite3.OperationalError as exc:
-            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CONTENDED or wait_ms <= 0:
+            if not contended(exc) or wait_ms <= 0:
                 raise
         return offload(self._waiting, call, wait_ms)
 

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.budget import FLEET_HORIZON_SECONDS, HEARTBEAT_TIMEOUT_SECONDS
+from app.budget import FLEET_HORIZON_SECONDS, HEARTBEAT_TIMEOUT_SECONDS, UpstreamBudget
 from app.clock import Deadline
-from app.stores.shared import BACKING_OFF, GRANTED, HEARTBEAT, REFUSED, AdmitRequest, SharedUnavailable
-from app.stores.sqlite import RETRY_AFTER_FAILURE_SECONDS, SqliteShared
+from app.errors import RateLimited
+from app.stores.shared import BACKING_OFF, GRANTED, HEARTBEAT, REFUSED, AdmitRequest, SharedBusy, SharedUnavailable
+from app.stores.sqlite import CONTENDED_GRACE_SECONDS, RETRY_AFTER_FAILURE_SECONDS, SqliteShared
 from app.stores.sqlite_schema import initialise
 from testkit.clock import FakeClock
 from tests.unit.test_budget import WINDOW, most_in_any_window
@@ -247,6 +248,50 @@ def test_a_busy_file_fails_fast_and_is_left_alone_for_a_moment(tmp_path, clock):
     clock.advance(RETRY_AFTER_FAILURE_SECONDS)
     assert tier.claim("lock:u1", "t", 1000, "p:u1", "p:n1").taken and tier.healthy
     holder.close()
+    tier.close()
+
+
+def test_a_contended_file_fails_one_operation_and_stays_in_use(tmp_path, clock):
+    """The lock held past the wait while this process's writes went through lately (a busy
+    machine): that operation fails and the file stays in use; a lock that stays held is
+    taken for down once the grace has passed."""
+    path = tmp_path / "shared.sqlite3"
+    (tier,) = pair(path, clock, timeout=0.05)[:1]
+    assert tier.claim("lock:u1", "t", 1000, "p:u1", "p:n1").taken  # a write that went through
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(SharedBusy):
+        tier.claim("lock:u2", "t", 1000, "p:u2", "p:n2")
+    assert tier.available() and tier.healthy and not tier.writes_ok  # operators see the failed write
+    assert tier.get(["p:u1"]) == [None]  # still tried, not skipped
+    clock.advance(CONTENDED_GRACE_SECONDS)
+    with pytest.raises(SharedUnavailable) as stuck:
+        tier.claim("lock:u2", "t", 1000, "p:u2", "p:n2")
+    assert not isinstance(stuck.value, SharedBusy) and not tier.available()
+    holder.execute("COMMIT")
+    clock.advance(RETRY_AFTER_FAILURE_SECONDS)
+    assert tier.claim("lock:u2", "t", 1000, "p:u2", "p:n2").taken and tier.healthy and tier.writes_ok
+    holder.close()
+    tier.close()
+
+
+def test_a_contended_admission_turns_away_that_request_alone(tmp_path, clock):
+    """A budget on the file: an admission that finds the lock held past its wait is refused,
+    and the next one, once the lock is free, is granted at once (no pause after a fault, no
+    wait for a safe local share)."""
+    path = tmp_path / "shared.sqlite3"
+    (tier,) = pair(path, clock, timeout=0.05)[:1]
+    budget = UpstreamBudget(10, shares=1, shared=tier, clock=clock, window=WINDOW)
+    budget.acquire(max_wait=0.0)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(RateLimited):
+        budget.acquire(max_wait=0.0)
+    holder.execute("COMMIT")
+    budget.acquire(max_wait=0.0)
+    assert tier.admit(ask("other", heartbeat_only=True)).used == 2  # the refused attempt took nothing
+    holder.close()
+    budget.close()
     tier.close()
 
 
