@@ -219,6 +219,17 @@ class GunicornConfig:
         return f"{self.kind}, {workers}" + (f" x {self.threads} threads" if self.kind == "gthread" else "")
 
 
+def each_worker_class(
+    worker_classes: Sequence[str], run_class: Callable[[Simulator, str], dict[str, Any]]
+) -> dict[str, Any]:
+    """*run_class* for each worker class in turn, on one simulator (unlimited, no delay) they share."""
+    sim = start_simulator(rate_limit=None)
+    try:
+        return {worker_class: run_class(sim, worker_class) for worker_class in worker_classes}
+    finally:
+        sim.proc.stop()
+
+
 def gunicorn_config(env: Mapping[str, str], app_uri: str | None = None, flags: Sequence[str] = ()) -> GunicornConfig:
     """The settings ``gunicorn -c gunicorn.conf.py`` takes in *env* (the whole environment)."""
     argv = [

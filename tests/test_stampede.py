@@ -32,7 +32,9 @@ def ask(base_urls: Sequence[str], paths: Sequence[str]) -> list[Answer]:
 
 
 def assert_all_have_data(answers: list[Answer]) -> None:
-    refused = [(a.status, a.body.get("error")) for a in answers if a.status != 200]
+    refused = [
+        (a.status, a.body.get("error"), a.body.get("message"), round(a.seconds, 3)) for a in answers if a.status != 200
+    ]
     assert not refused, f"{len(refused)} of {len(answers)} refused: {refused[:5]}"
     assert all("cohort_ids" in a.body for a in answers)
     assert max(a.seconds for a in answers) < BRAZE_TIMEOUT

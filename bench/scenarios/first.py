@@ -34,6 +34,7 @@ from bench.common import (
     Simulator,
     WrkResult,
     cpu_seconds,
+    each_worker_class,
     log,
     median,
     paired_ratio,
@@ -42,7 +43,6 @@ from bench.common import (
     run_wrk,
     service_env,
     start_server,
-    start_simulator,
     write_paths,
 )
 from bench.options import Options
@@ -224,13 +224,7 @@ def run_class(opts: Options, sim: Simulator, worker_class: str) -> dict[str, Any
 
 def run(opts: Options) -> dict[str, Any]:
     started = time.monotonic()
-    sim = start_simulator(rate_limit=None)
-    classes: dict[str, Any] = {}
-    try:
-        for worker_class in opts.worker_classes:
-            classes[worker_class] = run_class(opts, sim, worker_class)
-    finally:
-        sim.proc.stop()
+    classes = each_worker_class(opts.worker_classes, lambda sim, worker_class: run_class(opts, sim, worker_class))
     return {
         "classes": classes,
         "routes": list(ROUTES.values()),

@@ -42,6 +42,7 @@ from bench.common import (
     CALLER_AUTH,
     Server,
     Simulator,
+    each_worker_class,
     listen_overflows,
     log,
     median,
@@ -49,7 +50,6 @@ from bench.common import (
     percentile,
     raise_open_files_limit,
     start_server,
-    start_simulator,
 )
 from bench.options import Options
 from bench.scenarios.first import class_env
@@ -245,13 +245,7 @@ def run_class(opts: Options, sim: Simulator, worker_class: str) -> dict[str, Any
 
 def run(opts: Options) -> dict[str, Any]:
     started = time.monotonic()
-    sim = start_simulator(rate_limit=None)
-    classes: dict[str, Any] = {}
-    try:
-        for worker_class in opts.worker_classes:
-            classes[worker_class] = run_class(opts, sim, worker_class)
-    finally:
-        sim.proc.stop()
+    classes = each_worker_class(opts.worker_classes, lambda sim, worker_class: run_class(opts, sim, worker_class))
     return {
         "shape": "burst",
         "classes": classes,
