@@ -8,8 +8,9 @@ holds nothing a cached answer needs, so there is no cap on waiting lookups and n
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -18,11 +19,69 @@ import requests
 
 from testkit import wait_until
 from testkit.burst import Answer, burst
-from tests.conftest import BRAZE_KEY
+from testkit.processes import Proc, free_port, spawn, wait_http
+from tests.conftest import BRAZE_KEY, SIM_SECRET
 
 HEADERS = {"Authorization": f"Bearer {BRAZE_KEY}"}
 #: Braze gives each call 2 s.
 BRAZE_TIMEOUT = 2.0
+
+
+class SimulatorProcess:
+    """The Amplitude simulator in a process of its own, driven through its ``/_sim`` routes.
+
+    These tests send hundreds of cold users at once. The suite's shared simulator runs in
+    the test's own process, where its thread-per-connection server competes for the GIL
+    with the burst client: on a loaded machine it was then slower to answer the burst than
+    the service was to ask (py-spy: several times the service's CPU per call), and the
+    misses ran out of the deadline waiting for the stand-in, not for the service.
+    """
+
+    def __init__(self, proc: Proc, url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    @property
+    def calls(self) -> int:
+        response = requests.get(self.url + "/_sim/stats", timeout=10)
+        response.raise_for_status()
+        return int(response.json()["calls"])
+
+    @property
+    def latency_ms(self) -> float:
+        response = requests.get(self.url + "/_sim/config", timeout=10)
+        response.raise_for_status()
+        return float(response.json()["latency_ms"])
+
+    @latency_ms.setter
+    def latency_ms(self, value: float) -> None:
+        requests.post(self.url + "/_sim/config", json={"latency_ms": value}, timeout=10).raise_for_status()
+
+    def reset(self) -> None:
+        requests.post(self.url + "/_sim/reset", json={}, timeout=10).raise_for_status()
+        requests.post(self.url + "/_sim/config", json={"latency_ms": 0, "rate_limit_per_minute": None},
+                      timeout=10).raise_for_status()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def simulator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    port = free_port()
+    argv = [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port),
+            "--secret-key", SIM_SECRET, "--rate-limit", "0"]  # fmt: skip
+    proc = spawn("simulator", argv, tmp_path_factory.mktemp("simulator") / "simulator.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/_sim/stats", proc)
+        yield SimulatorProcess(proc, url)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def sim(simulator_process: SimulatorProcess) -> SimulatorProcess:
+    """This module's stand-in for Amplitude (the services started here are pointed at it)."""
+    simulator_process.reset()
+    return simulator_process
 
 
 def ask(base_urls: Sequence[str], paths: Sequence[str]) -> list[Answer]:
