@@ -188,7 +188,7 @@ class SqliteShared:
         lock for ``timeout``, or *wait* if longer."""
         self._check()
         wait = max(wait, self.timeout)
-        if not self._writing.acquire(timeout=wait + 2 * self.timeout):
+        if not self._writing.acquire(timeout=max(wait, 3 * self.timeout)):
             raise self._busy(TimeoutError("this process's writes are queued past the timeout"))
         try:
             self._check()  # the writer before this one may have found the file broken
